@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
 def print_error(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
 
 
 def print_warning(message: str) -> None:
-    err_console.print(f"[bold yellow]warning:[/] {message}", markup=True, soft_wrap=True)
+    err_console.print(f"[bold yellow]warning:[/] {escape(message)}", markup=True, soft_wrap=True)
