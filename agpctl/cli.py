@@ -30,8 +30,11 @@ def cli() -> None:
 
 def _register_commands() -> None:
     from agpctl.data_cli import data
+    from agpctl.train_cli import evaluate, train
 
     cli.add_command(data)
+    cli.add_command(train)
+    cli.add_command(evaluate)
 
 
 _register_commands()

@@ -1,0 +1,236 @@
+"""Run configuration: plain dataclasses with a YAML round trip.
+
+Precedence: dataclass defaults < ``--config run.yaml`` < command-line flags. The resolved
+config is saved with every run as ``config.yaml`` and is enough to rebuild the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from agp_models.base import MethodConfig
+from agpctl.errors import UserError
+
+
+@dataclass(kw_only=True)
+class SyntheticConfig:
+    """Parameters of the built-in generated dataset (``--dataset synthetic``)."""
+
+    categories: int = 3
+    train: int = 40
+    test: int = 20
+    size: int = 128
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "synthetic"  # synthetic | mvtec | visa | btad | mvtec3d | folder
+    root: str | None = None  # local dir or s3://bucket/prefix; synthetic: generated on first use
+    categories: list[str] | None = None  # None = all categories found
+    normal_dir: str | None = None  # folder layout only
+    abnormal_dir: str | None = None
+    mask_dir: str | None = None
+    per_category: bool = False  # one-class setting: one model per category
+    shots: int = 0  # few-shot: k normal images per category (0 = all)
+    val_fraction: float = 0.1  # normal training images held out for thresholds / validation
+    loader_workers: int = 1  # DataLoader processes per training worker
+    cache_dir: str | None = None  # local cache for s3:// images (default ~/.cache/agp)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 8
+    eval_batch_size: int = 16
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 0
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    keep_checkpoints: int = 2
+    threshold_quantile: float = 0.99  # auto threshold = this quantile of held-out normal scores
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    address: str | None = None  # None: embedded local Ray; ray://host:10001; http://host:8265
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+
+
+@dataclass(kw_only=True)
+class StorageConfig:
+    out: str = "runs"  # local dir or s3://bucket/prefix (Ray Train storage_path)
+    name: str | None = None  # run name; default <method>-<dataset>-<timestamp>
+    s3_endpoint: str | None = None  # else AWS_ENDPOINT_URL; credentials never go here
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    method: str = "agpnet"
+    model: MethodConfig | None = None  # the method's own config class; None = its defaults
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = method_config_class(self.method)()
+
+    # -- YAML round trip ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
+        if not isinstance(raw, dict):
+            raise UserError(f"{source}: expected a mapping at the top level")
+        method = raw.get("method", "agpnet")
+        model_cls = method_config_class(method)
+        values = dict(raw)
+        model_raw = values.pop("model", None) or {}
+        cfg = _build(cls, {k: v for k, v in values.items()}, source, skip={"model"})
+        cfg.model = _build(model_cls, model_raw, f"{source}: model")
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, text: str, source: str = "config") -> "RunConfig":
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{source}: not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+        return cls.from_dict(raw, source)
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunConfig":
+        """Apply dotted-path overrides (``train.epochs``, ``model.backbone.name``)."""
+        raw = self.to_dict()
+        for path, value in overrides.items():
+            if path == "method" and value != raw["method"]:
+                # a different method has different fields: keep only the shared ones
+                shared = {f.name for f in dataclasses.fields(MethodConfig)}
+                raw["model"] = {k: v for k, v in raw["model"].items() if k in shared}
+            _set_path(raw, path, value)
+        return RunConfig.from_dict(raw, "command line")
+
+
+def method_config_class(method: str) -> type[MethodConfig]:
+    from agp_models.registry import method_class, method_names
+
+    if method not in method_names():
+        raise UserError(f"unknown method {method!r}; choose one of: {', '.join(method_names())}")
+    return method_class(method).config_class
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value in YAML syntax: ``3``, ``0.5``, ``[3,6]``, ``true``, ``abc``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split(".")
+    node = raw
+    for key in keys[:-1]:
+        if not isinstance(node.get(key), dict):
+            if key in node and node[key] is None:
+                node[key] = {}
+            else:
+                raise UserError(f"unknown config field {path!r}")
+        node = node[key]
+    node[keys[-1]] = value
+
+
+def _build(cls, raw: Any, source: str, skip: set[str] = frozenset()):
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping for {cls.__name__}, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names - set(skip))
+    if unknown:
+        raise UserError(
+            f"{source}: unknown field(s) {', '.join(unknown)} for {cls.__name__}; known: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        if name in skip:
+            continue
+        kwargs[name] = _coerce(hints[name], value, f"{source}: {name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, where)
+            except UserError as exc:
+                errors.append(str(exc))
+        raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return _build(hint, value, where)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [parse_value(v.strip()) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return [_coerce(inner, v, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise UserError(f"{where}: expected true/false, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}: expected a number, got {value!r}") from None
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise UserError(f"{where}: expected text, got {value!r}")
+        return str(value)
+    return value

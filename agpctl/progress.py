@@ -1,0 +1,164 @@
+"""Live progress of a Ray Train job on the driver's terminal.
+
+Rank 0 of the job sends small events through a Ray queue (works for the embedded
+instance and for remote clusters alike); the driver renders them with rich: a progress
+bar per epoch, one line of losses per epoch, then the metrics table.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from agpctl.console import console as default_console
+from agpctl.console import print_warning
+
+
+def make_channel():
+    from ray.util.queue import Queue
+
+    return Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+
+
+class ProgressSender:
+    """Worker side. Never blocks training: a full or broken channel drops events."""
+
+    def __init__(self, channel, enabled: bool, min_interval: float = 0.5):
+        self.channel = channel if enabled else None
+        self.min_interval = min_interval
+        self._last_step = 0.0
+
+    def _send(self, *event: Any) -> None:
+        if self.channel is None:
+            return
+        try:
+            self.channel.put_nowait(event)
+        except Exception:  # progress is best effort
+            pass
+
+    def start(self, **info: Any) -> None:
+        self._send("start", info)
+
+    def step(self, epoch: int, batch: int, losses: dict[str, float]) -> None:
+        now = time.monotonic()
+        if now - self._last_step >= self.min_interval:
+            self._last_step = now
+            self._send("step", epoch, batch, losses.get("loss"))
+
+    def epoch_end(self, epoch: int, losses: dict[str, float], seconds: float, saved: bool) -> None:
+        self._send("epoch_end", epoch, losses, seconds, saved)
+
+    def phase(self, text: str) -> None:
+        self._send("phase", text)
+
+    def eval_step(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - self._last_step >= self.min_interval:
+            self._last_step = now
+            self._send("eval_step", done, total)
+
+    def warning(self, text: str) -> None:
+        self._send("warning", text)
+
+    def message(self, text: str) -> None:
+        self._send("message", text)
+
+    def finished(self, table: dict[str, Any]) -> None:
+        self._send("finished", table)
+
+
+class ProgressView:
+    """Driver side."""
+
+    def __init__(self, console=None, quiet: bool = False):
+        self.console = console or default_console
+        self.quiet = quiet
+        self._warned: set[str] = set()
+
+    def warning(self, text: str) -> None:
+        if text not in self._warned:
+            self._warned.add(text)
+            print_warning(text)
+
+    def message(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text)
+
+    def run_started(self, cfg, run_uri: str) -> None:
+        if self.quiet:
+            return
+        where = cfg.cluster.address or "embedded local Ray"
+        self.console.print(
+            f"[bold]agpctl train[/] {cfg.method} on {cfg.data.dataset} · {cfg.cluster.workers} worker(s) on {where}\n"
+            f"run: [cyan]{run_uri}[/]"
+        )
+
+    def follow(self, channel, thread) -> None:
+        """Renders events until the training thread ends and the channel is drained."""
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
+            disable=self.quiet,
+        )
+        state: dict[str, Any] = {"task": None, "steps": 1, "epochs": 1}
+        with progress:
+            while True:
+                alive = thread.is_alive()
+                try:
+                    event = channel.get(block=alive, timeout=0.5 if alive else None)
+                except Exception:  # ray.util.queue.Empty: nothing new
+                    if alive:
+                        continue
+                    break
+                self._render(event, progress, state)
+
+    def _render(self, event: tuple, progress: Progress, state: dict[str, Any]) -> None:
+        kind = event[0]
+        if kind == "start":
+            info = event[1]
+            state.update(steps=max(1, info["steps_per_epoch"]), epochs=info["epochs"])
+            backbone = info.get("backbone", {})
+            weights = "pretrained" if backbone.get("pretrained") else "RANDOM INIT"
+            self.message(f"{info['train_images']} training images · backbone {backbone.get('name')} ({weights}) · "
+                         f"{info['epochs']} epochs × {info['steps_per_epoch']} steps")
+        elif kind == "step":
+            _, epoch, batch, loss = event
+            task = self._epoch_task(progress, state, epoch)
+            progress.update(task, completed=batch, info=f"loss {loss:.4f}" if loss is not None else "")
+        elif kind == "epoch_end":
+            _, epoch, losses, seconds, saved = event
+            if state.get("task") is not None:
+                progress.remove_task(state["task"])
+                state["task"] = None
+            parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
+            mark = " · checkpoint" if saved else ""
+            progress.console.print(f"epoch {epoch}/{state['epochs']}  {parts}  ({seconds:.1f}s){mark}") if not self.quiet else None
+        elif kind == "phase":
+            self.message(event[1])
+        elif kind == "eval_step":
+            _, done, total = event
+            if state.get("eval") is None:
+                state["eval"] = progress.add_task("evaluating", total=total, info="")
+            progress.update(state["eval"], completed=done)
+        elif kind == "warning":
+            self.warning(event[1])
+        elif kind == "message":
+            self.message(event[1])
+
+    def _epoch_task(self, progress: Progress, state: dict[str, Any], epoch: int):
+        if state.get("task_epoch") != epoch or state.get("task") is None:
+            if state.get("task") is not None:
+                progress.remove_task(state["task"])
+            state["task"] = progress.add_task(f"epoch {epoch + 1}/{state['epochs']}", total=state["steps"], info="")
+            state["task_epoch"] = epoch
+        return state["task"]
+
+    def run_finished(self, table: dict[str, Any], run_uri: str) -> None:
+        if self.quiet:
+            return
+        from agpctl.report import metrics_table
+
+        self.console.print(metrics_table(table, title="test split"))
+        self.console.print(f"results: [cyan]{run_uri}[/] (metrics.json, config.yaml, checkpoints)")
