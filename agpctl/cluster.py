@@ -8,6 +8,7 @@ from ``RAY_AUTH_TOKEN`` or its standard file and never printed here.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 from urllib.parse import urlparse
@@ -61,6 +62,9 @@ def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: d
     else:
         _check_reachable(address)
         kwargs["address"] = address
+    # Ray announces its (default-on) token authentication on every start; the token
+    # itself is never printed, the announcement is just noise for our users.
+    logging.getLogger("ray").setLevel(logging.ERROR)
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:

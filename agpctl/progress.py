@@ -133,7 +133,7 @@ class ProgressView:
                 progress.remove_task(state["task"])
                 state["task"] = None
             parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-            mark = " · checkpoint" if saved else ""
+            mark = " ✓ saved" if saved else ""
             progress.console.print(f"epoch {epoch}/{state['epochs']}  {parts}  ({seconds:.1f}s){mark}") if not self.quiet else None
         elif kind == "phase":
             self.message(event[1])

@@ -110,12 +110,15 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         from agp_data.training_view import TrainingView
 
         train_set = TrainingView(train_set, model.batch_extras, seed=cfg.train.seed)
+    # The shuffle order and loader seeds depend on (seed, epoch) only, so a resumed run
+    # sees exactly the batches an uninterrupted one would.
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=cfg.train.seed) if ctx.world_size > 1 else None
+                                 seed=cfg.train.seed)
     batch_size = min(cfg.train.batch_size, max(1, len(train_set) // ctx.world_size))
+    generator = loader_generator(cfg.train.seed)
     loader = DataLoader(
-        train_set, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-        num_workers=cfg.data.loader_workers, generator=loader_generator(cfg.train.seed),
+        train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
+        num_workers=cfg.data.loader_workers, generator=generator,
         persistent_workers=cfg.data.loader_workers > 0, pin_memory=ctx.device.type == "cuda",
     )
     wrapped = wrap(model)
@@ -129,8 +132,8 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
                    backbone=_backbone_summary(model), train_images=len(base_train_set))
     while trainer.state.epoch < epochs:
         epoch = trainer.state.epoch
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        generator.manual_seed(cfg.train.seed * 1000 + epoch)
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)
         started = time.perf_counter()
