@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
@@ -11,8 +12,25 @@ from agpctl.console import console, print_error
 from agpctl.errors import user_error_types
 
 
+# Sub-commands are imported only when used, so `agpctl data ...` does not load torch.
+LAZY_COMMANDS = {
+    "data": "agpctl.data_cli:data",
+    "train": "agpctl.train_cli:train",
+    "eval": "agpctl.train_cli:evaluate",
+}
+
+
 class AgpGroup(click.Group):
     """Turns user mistakes anywhere below into one clear line and exit code 2."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(LAZY_COMMANDS))
+
+    def get_command(self, ctx: click.Context, name: str):
+        if name in LAZY_COMMANDS and name not in self.commands:
+            module, attr = LAZY_COMMANDS[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -26,18 +44,6 @@ class AgpGroup(click.Group):
 @click.version_option(__version__, prog_name="agpctl")
 def cli() -> None:
     """agp: unsupervised industrial anomaly detection (AGPNet, OneNIP, RLR) on Ray."""
-
-
-def _register_commands() -> None:
-    from agpctl.data_cli import data
-    from agpctl.train_cli import evaluate, train
-
-    cli.add_command(data)
-    cli.add_command(train)
-    cli.add_command(evaluate)
-
-
-_register_commands()
 
 
 def main() -> None:

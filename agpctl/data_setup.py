@@ -6,6 +6,7 @@ split): they calibrate thresholds and drive checkpoint-free model selection in s
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from agp_data.dataset import AnomalyDataset
@@ -85,8 +86,10 @@ def hold_out(train: list[Sample], fraction: float) -> tuple[list[Sample], list[S
 
 
 def build_datasets(data: DataConfig, splits: SampleSplits, image_size: int, mean, std):
+    s3_cache = os.path.join(data.cache_dir, "s3") if data.cache_dir else None
+
     def make(samples):
-        return AnomalyDataset(samples, image_size=image_size, mean=mean, std=std, cache_dir=data.cache_dir)
+        return AnomalyDataset(samples, image_size=image_size, mean=mean, std=std, cache_dir=s3_cache)
 
     train = make(splits.train)
     if data.shots:

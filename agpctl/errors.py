@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class UserError(Exception):
     """A mistake in the command line, config or environment; the message names the fix."""
@@ -11,10 +13,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from agp_data.errors import DataError
 
     types: list[type[BaseException]] = [UserError, DataError]
-    try:
-        from agp_models.backbones import BackboneError
-
-        types.append(BackboneError)
-    except ImportError:  # backbones not importable yet: nothing of theirs to catch
-        pass
+    backbones = sys.modules.get("agp_models.backbones")
+    if backbones is not None:  # never imported: none of its errors can be in flight
+        types.append(backbones.BackboneError)
     return tuple(types)

@@ -1,0 +1,199 @@
+"""Dataset health check: what a layout parser finds under a root, and what looks wrong.
+
+Counts come from the layout parser; image sizes come from file headers only (no decoding). For
+local roots every image and mask header is read; for ``s3://`` roots a few images per category
+(evenly spread) are, with one ranged GET each.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from agp_data import storage
+from agp_data.errors import DataError
+from agp_data.images import image_size
+from agp_data.layouts import FolderLayout, LayoutScan, _relative, scan_layout, select_categories
+from agp_data.samples import Sample
+
+S3_HEADERS_PER_CATEGORY = 16
+MAX_SIZES_LISTED = 10
+
+
+@dataclass
+class Problem:
+    kind: str  # empty_category | empty_split | missing_mask | orphan_mask | missing_file | unreadable | size_mismatch
+    path: str
+    detail: str
+
+
+@dataclass
+class CategoryReport:
+    name: str
+    train_good: int = 0
+    test_good: int = 0
+    test_defect: int = 0
+    defect_types: dict[str, int] = field(default_factory=dict)
+    masks_found: int = 0
+    masks_missing: int = 0
+    # "WxH" → number of checked images of that size (the most common ones, at most
+    # MAX_SIZES_LISTED); min/max by area and the number of distinct sizes cover all checked images.
+    image_sizes: dict[str, int] = field(default_factory=dict)
+    distinct_sizes: int = 0
+    min_size: str | None = None
+    max_size: str | None = None
+    sizes_checked: int = 0  # images whose header was read
+
+    @property
+    def total(self) -> int:
+        return self.train_good + self.test_good + self.test_defect
+
+
+@dataclass
+class DatasetReport:
+    dataset: str
+    root: str
+    categories: list[CategoryReport]
+    problems: list[Problem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        categories = []
+        for report in self.categories:
+            entry = asdict(report)
+            entry["total"] = report.total
+            categories.append(entry)
+        return {
+            "dataset": self.dataset,
+            "root": self.root,
+            "ok": self.ok,
+            "categories": categories,
+            "totals": {
+                key: sum(getattr(c, key) for c in self.categories)
+                for key in ("train_good", "test_good", "test_defect", "masks_found", "masks_missing")
+            },
+            "problems": [asdict(p) for p in self.problems],
+        }
+
+
+def _evenly_spaced(items: list, count: int) -> list:
+    if len(items) <= count:
+        return list(items)
+    step = len(items) / count
+    return [items[int(i * step)] for i in range(count)]
+
+
+def _category_of(scan: LayoutScan, path: str) -> str:
+    if scan.dataset == "folder":
+        return scan.categories[0]
+    return _relative(scan.root, path).split("/")[0]
+
+
+def _check_headers(
+    samples: list[Sample], report: CategoryReport, problems: list[Problem], remote: bool
+) -> None:
+    sizes: Counter[str] = Counter()
+    checked = _evenly_spaced(samples, S3_HEADERS_PER_CATEGORY) if remote else samples
+    for sample in checked:
+        try:
+            width, height = image_size(sample.image)
+        except DataError as exc:
+            problems.append(Problem("unreadable", sample.image, str(exc)))
+            continue
+        sizes[f"{width}x{height}"] += 1
+        if sample.mask is None:
+            continue
+        try:
+            mask_size = image_size(sample.mask)
+        except DataError as exc:
+            problems.append(Problem("unreadable", sample.mask, str(exc)))
+            continue
+        if mask_size != (width, height):
+            problems.append(
+                Problem(
+                    "size_mismatch",
+                    sample.mask,
+                    f"mask is {mask_size[0]}x{mask_size[1]}, image {sample.image} is {width}x{height}",
+                )
+            )
+
+    def area(key: str) -> tuple[int, str]:
+        width, height = (int(v) for v in key.split("x"))
+        return width * height, key
+
+    by_area = sorted(sizes, key=area)
+    report.image_sizes = dict(sizes.most_common(MAX_SIZES_LISTED))
+    report.distinct_sizes = len(sizes)
+    report.min_size = by_area[0] if by_area else None
+    report.max_size = by_area[-1] if by_area else None
+    report.sizes_checked = sum(sizes.values())
+
+
+def inspect_dataset(
+    dataset: str,
+    root: str | None,
+    categories: list[str] | str | None = None,
+    folder: FolderLayout | None = None,
+) -> DatasetReport:
+    """Per-category counts, mask coverage, image sizes and a list of problems with paths.
+
+    A root that is missing or not the layout raises DataError (there is nothing to report on);
+    everything else found wrong is listed in ``problems``.
+    """
+    scan = scan_layout(dataset, root, folder=folder)
+    selected = select_categories(scan, categories)
+    remote = storage.is_s3(scan.root)
+    problems: list[Problem] = []
+    reports: list[CategoryReport] = []
+    for category in selected:
+        report = CategoryReport(category)
+        samples = scan.samples_of(category)
+        defects: Counter[str] = Counter()
+        for sample in samples:
+            if sample.split == "train":
+                report.train_good += 1
+            elif sample.label == 0:
+                report.test_good += 1
+            else:
+                report.test_defect += 1
+                defects[sample.defect] += 1
+                if sample.mask is not None:
+                    report.masks_found += 1
+                else:
+                    report.masks_missing += 1
+                    problems.append(
+                        Problem(
+                            "missing_mask",
+                            sample.image,
+                            "defective image without a mask (scored as all-zero)",
+                        )
+                    )
+        report.defect_types = dict(sorted(defects.items()))
+        category_path = (
+            scan.root
+            if dataset in ("folder", "visa") or scan.root is None
+            else storage.join(scan.root, category)
+        )
+        if not samples:
+            problems.append(Problem("empty_category", category_path, "no images found"))
+        else:
+            if report.train_good == 0:
+                problems.append(Problem("empty_split", category_path, "no normal training images"))
+            if report.test_good + report.test_defect == 0:
+                problems.append(Problem("empty_split", category_path, "no test images"))
+            _check_headers(samples, report, problems, remote)
+        reports.append(report)
+
+    wanted = set(selected)
+    for path in scan.orphan_masks:
+        if _category_of(scan, path) in wanted:
+            problems.append(Problem("orphan_mask", path, "mask matches no image"))
+    for path in scan.missing_files:
+        if _category_of(scan, path) in wanted:
+            problems.append(
+                Problem("missing_file", path, f"listed in {scan.root}/split_csv/1cls.csv but absent")
+            )
+    return DatasetReport(dataset, scan.root, reports, problems)
