@@ -135,10 +135,12 @@ class AnomalyModel(nn.Module):
             for j, i in enumerate(missing):
                 self._feature_cache[keys[i]] = tuple(p[j].detach().to("cpu", torch.float16) for p in parts)
         device = images.device
-        stacked = tuple(
-            torch.stack([self._feature_cache[k][n] for k in keys]).to(device, torch.float32)
-            for n in range(len(self._feature_cache[keys[0]]))
-        )
+        # Stacking half-precision copies is not an autocast op (it raises under CPU bf16).
+        with torch.autocast(device_type=device.type, enabled=False):
+            stacked = tuple(
+                torch.stack([self._feature_cache[k][n] for k in keys]).to(device, torch.float32)
+                for n in range(len(self._feature_cache[keys[0]]))
+            )
         return stacked if self._cache_returns_tuple else stacked[0]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
