@@ -248,6 +248,7 @@ def launch_training(cfg: RunConfig, *, resume: str | None = None, console=None, 
 
     storage.configure_s3(cfg.storage.s3_endpoint)
     _validate(cfg)
+    _absolute_local_paths(cfg)
     if resume:
         run_uri = resume.rstrip("/")
         cfg = _resume_config(run_uri, cfg)
@@ -389,6 +390,17 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError("--workers must be at least 1")
     if cfg.cluster.gpus_per_worker > 0 and cfg.cluster.address is None and not torch.cuda.is_available():
         raise UserError("--gpus-per-worker > 0 but this machine has no CUDA GPU; drop the flag or use --address")
+
+
+def _absolute_local_paths(cfg: RunConfig) -> None:
+    """Ray workers run in their own directories: relative paths must not reach them."""
+    def absolute(path: str | None) -> str | None:
+        return path if not path or storage.is_s3(path) else os.path.abspath(os.path.expanduser(path))
+
+    for section, names in ((cfg.data, ("root", "normal_dir", "abnormal_dir", "mask_dir", "cache_dir")),
+                           (cfg.model.backbone, ("weights",))):
+        for name in names:
+            setattr(section, name, absolute(getattr(section, name)))
 
 
 def _resume_config(run_uri: str, cli_cfg: RunConfig) -> RunConfig:
