@@ -17,6 +17,9 @@ LAZY_COMMANDS = {
     "data": "agpctl.data_cli:data",
     "train": "agpctl.train_cli:train",
     "eval": "agpctl.train_cli:evaluate",
+    "jobs": "agpctl.jobs_cli:jobs",
+    "predict": "agpctl.predict_cli:predict",
+    "export": "agpctl.predict_cli:export",
 }
 
 

@@ -1,0 +1,371 @@
+"""``agpctl predict``: score new images with a trained run and write what a person needs.
+
+For every readable input image: an image score, anomalous yes/no at the image threshold, and
+at the original image size a colour-mapped heatmap, an overlay of it on the image and the
+binary defect mask at the pixel threshold. All rows go to ``predictions.csv`` and
+``predictions.json``. Unreadable files are reported and skipped, never fatal.
+
+Decoding runs in a thread pool one batch ahead of the model, and encoding/writing output
+files in another, so the model rarely waits on I/O. Inputs and outputs may be local or S3.
+
+Heatmap colours use one fixed scale for every image (so two heatmaps can be compared):
+0 → dark blue, the pixel threshold → the middle of the colour map (green), twice the pixel
+threshold or more → dark red.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import glob
+import io
+import os
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from agp_data import storage
+from agp_data.errors import DataError
+from agp_data.images import is_image_file, read_image
+from agpctl.errors import UserError
+
+CSV_FILE = "predictions.csv"
+JSON_FILE = "predictions.json"
+IMAGE_FORMATS = ("png", "jpg")
+OVERLAY_ALPHA = 0.5  # weight of the heatmap in the overlay
+CSV_COLUMNS = ["path", "score", "anomalous", "image_threshold", "pixel_threshold", "defect_area_px", "width",
+               "height", "heatmap", "overlay", "mask"]
+_GLOB_CHARS = "*?["
+
+
+# -- inputs ------------------------------------------------------------------------------
+@dataclass
+class InputImage:
+    path: str  # local path or s3:// URI, as read
+    name: str  # output name relative to the input root, without extension ("sub/img_001")
+
+
+def discover_inputs(source: str, recursive: bool = False) -> list[InputImage]:
+    """Images named by ``source``: one file, a folder (sub-folders with ``recursive``), a glob
+    (``**`` with ``recursive``), or an ``s3://`` prefix / object / glob. Files without an image
+    extension are ignored inside folders; a file named directly is always tried."""
+    source = str(source)
+    if any(c in source for c in _GLOB_CHARS):
+        root, paths = _glob(source, recursive)
+    elif storage.is_s3(source):
+        source = source.rstrip("/")
+        paths = storage.list_files(source, recursive=recursive)
+        if paths == [source]:  # a single object
+            root = source.rsplit("/", 1)[0]
+        else:
+            root = source
+            paths = [p for p in paths if is_image_file(p)]
+    elif os.path.isfile(source):
+        root, paths = os.path.dirname(os.path.abspath(source)), [os.path.abspath(source)]
+    elif os.path.isdir(source):
+        root = source
+        paths = [p for p in storage.list_files(source, recursive=recursive) if is_image_file(p)]
+    else:
+        raise UserError(f"input {source} does not exist; give an image, a folder, a glob or an s3:// prefix")
+    if not paths:
+        hint = "" if recursive else " (add --recursive to include sub-folders)"
+        raise UserError(f"no images found in {source}{hint}")
+    return _named(root, sorted(paths))
+
+
+def _glob(pattern: str, recursive: bool) -> tuple[str, list[str]]:
+    prefix = pattern[: min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)]
+    if storage.is_s3(pattern):
+        root = prefix.rsplit("/", 1)[0]
+        # fnmatch's * crosses "/"; without --recursive keep matches in the pattern's own depth.
+        depth = pattern.count("/")
+        paths = [p for p in storage.list_files(root, recursive=True) if fnmatch.fnmatchcase(p, pattern)
+                 and (recursive or p.count("/") == depth)]
+    else:
+        root = os.path.dirname(prefix) or "."
+        paths = [os.path.abspath(p) for p in glob.glob(pattern, recursive=recursive) if os.path.isfile(p)]
+        root = os.path.abspath(root)
+    return root, [p for p in paths if is_image_file(p)]
+
+
+def _named(root: str, paths: list[str]) -> list[InputImage]:
+    """Output names: the path below ``root`` without extension; the extension is kept (as
+    ``_ext``) only where two inputs would otherwise share a name (``a.png`` and ``a.jpg``)."""
+    def relative(path: str) -> str:
+        if storage.is_s3(path):
+            rest = path[len(root.rstrip("/")) + 1:] if path.startswith(root.rstrip("/") + "/") else path.rsplit("/", 1)[-1]
+        else:
+            rest = os.path.relpath(path, root)
+        return rest.replace(os.sep, "/")
+
+    rels = [relative(p) for p in paths]
+    stems = [os.path.splitext(r)[0] for r in rels]
+    counts: dict[str, int] = {}
+    for stem in stems:
+        counts[stem] = counts.get(stem, 0) + 1
+    names = [stem if counts[stem] == 1 else stem + "_" + os.path.splitext(rel)[1].lstrip(".").lower()
+             for stem, rel in zip(stems, rels)]
+    return [InputImage(p, n) for p, n in zip(paths, names)]
+
+
+# -- thresholds and runs -----------------------------------------------------------------
+@dataclass
+class Thresholds:
+    image: float
+    pixel: float
+    source: str
+
+
+def resolve_thresholds(stored: dict[str, Any], threshold: str = "auto", pixel_threshold: float | None = None
+                       ) -> Thresholds:
+    """``auto``: the run's calibrated thresholds; a number overrides the image threshold and,
+    unless ``pixel_threshold`` is given, the pixel threshold too."""
+    if str(threshold).lower() == "auto":
+        image, pixel = stored.get("image"), stored.get("pixel")
+        if image is None or pixel is None:
+            raise UserError("this run has no calibrated thresholds (trained with val_fraction 0?); "
+                            "pass --threshold VALUE")
+        source = f"auto: {stored.get('source', 'calibrated at training')}"
+        if pixel_threshold is not None:
+            pixel, source = pixel_threshold, source + "; pixel threshold given"
+        return Thresholds(float(image), float(pixel), source)
+    try:
+        value = float(threshold)
+    except ValueError:
+        raise UserError(f"--threshold must be 'auto' or a number, got {threshold!r}") from None
+    pixel = value if pixel_threshold is None else float(pixel_threshold)
+    return Thresholds(value, pixel, "given" if pixel_threshold is None else "given (image and pixel)")
+
+
+def select_model_run(run_uri: str, category: str | None = None) -> str:
+    """The model directory to use: the run itself, or for a per-category run the category's
+    (``category`` required unless the run holds a single one)."""
+    from agpctl.evaluate import sub_runs
+
+    run_uri = run_uri.rstrip("/")
+    runs = sub_runs(run_uri)
+    if runs == [run_uri]:
+        return run_uri
+    names = {r.rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]: r for r in runs}
+    if category is None:
+        if len(names) == 1:
+            return next(iter(names.values()))
+        raise UserError(f"{run_uri} holds one model per category ({', '.join(sorted(names))}); pass --category NAME")
+    if category not in names:
+        raise UserError(f"{run_uri} has no model for category {category!r}; choose one of {', '.join(sorted(names))}")
+    return names[category]
+
+
+# -- maps to pictures --------------------------------------------------------------------
+# Anchor colours of a jet-like map (dark blue → blue → cyan → green → yellow → red → dark red).
+_ANCHORS = np.array([
+    [0.0, 0.0, 0.0, 0.5], [0.11, 0.0, 0.0, 1.0], [0.36, 0.0, 1.0, 1.0], [0.5, 0.0, 1.0, 0.5],
+    [0.64, 1.0, 1.0, 0.0], [0.89, 1.0, 0.0, 0.0], [1.0, 0.5, 0.0, 0.0],
+])
+_LUT = np.stack([np.interp(np.linspace(0, 1, 256), _ANCHORS[:, 0], _ANCHORS[:, c]) for c in (1, 2, 3)], axis=1)
+COLORMAP = np.round(_LUT * 255).astype(np.uint8)  # (256, 3)
+
+
+def colorize(values: np.ndarray, vmax: float) -> np.ndarray:
+    """(H, W) map → (H, W, 3) uint8 RGB: 0 → dark blue, ``vmax`` and above → dark red."""
+    scale = 255.0 / vmax if vmax > 0 else 0.0
+    index = np.clip(np.nan_to_num(values) * scale, 0, 255).astype(np.uint8)
+    return COLORMAP[index]
+
+
+def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    return np.round(image.astype(np.float32) * (1 - alpha) + heat.astype(np.float32) * alpha).astype(np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image = Image.fromarray(array)
+    if fmt == "jpg":
+        image.save(buffer, format="JPEG", quality=92)
+    else:
+        image.save(buffer, format="PNG", compress_level=1)  # speed over a few % of size
+    return buffer.getvalue()
+
+
+def resize_maps(maps: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Each (S, S) model map bilinearly resized to its image's (height, width), on the maps' device."""
+    out = []
+    for m, (height, width) in zip(maps, sizes):
+        resized = F.interpolate(m[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
+        out.append(resized[0, 0].cpu().numpy())
+    return out
+
+
+# -- the prediction loop -----------------------------------------------------------------
+@dataclass
+class PredictReport:
+    out: str
+    thresholds: Thresholds
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    model: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def anomalous(self) -> int:
+        return sum(1 for r in self.rows if r["anomalous"] == "yes")
+
+    def top(self, k: int = 5) -> list[dict[str, Any]]:
+        return sorted(self.rows, key=lambda r: -r["score"])[:k]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "threshold": vars(self.thresholds),
+            "summary": {"images": len(self.rows), "anomalous": self.anomalous, "normal": len(self.rows) - self.anomalous,
+                        "skipped": len(self.skipped), "seconds": round(self.seconds, 3)},
+            "predictions": self.rows,
+            "skipped": self.skipped,
+        }
+
+
+def _load(item: InputImage, size: int, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    image = read_image(item.path)
+    rgb = np.asarray(image)
+    resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+    tensor = (torch.from_numpy(resized).permute(2, 0, 1) - mean) / std
+    return tensor, rgb
+
+
+def predict_images(model, inputs: list[InputImage], out: str, thresholds: Thresholds, *, batch_size: int = 16,
+                   image_format: str = "png", write_images: bool = True, precision: str = "fp32",
+                   device: torch.device | None = None, io_threads: int | None = None,
+                   on_progress: Callable[[int, int], None] | None = None,
+                   on_skip: Callable[[str, str], None] | None = None,
+                   model_info: dict[str, Any] | None = None) -> PredictReport:
+    """Run ``model`` (an eval-mode AnomalyModel) over ``inputs`` and write every output below ``out``."""
+    from agpctl.engine import autocast
+
+    if image_format not in IMAGE_FORMATS:
+        raise UserError(f"--format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    device = device or next(iter(model.parameters()), torch.zeros(0)).device
+    size = int(model.cfg.image_size)
+    mean = torch.tensor(model.backbone.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(model.backbone.std, dtype=torch.float32).view(3, 1, 1)
+    report = PredictReport(out=out, thresholds=thresholds, model=model_info or {})
+    started = time.perf_counter()
+    threads = io_threads or min(8, (os.cpu_count() or 2) + 2)
+    batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
+    done = 0
+    with ThreadPoolExecutor(threads) as readers, ThreadPoolExecutor(threads) as writers:
+        def submit(batch: list[InputImage]) -> list[Future]:
+            return [readers.submit(_load, item, size, mean, std) for item in batch]
+
+        pending_writes: list[Future] = []
+        upcoming = submit(batches[0]) if batches else []
+        for index, batch in enumerate(batches):
+            loads = upcoming
+            upcoming = submit(batches[index + 1]) if index + 1 < len(batches) else []  # decode ahead
+            tensors, originals, items = [], [], []
+            for item, future in zip(batch, loads):
+                try:
+                    tensor, rgb = future.result()
+                except DataError as exc:
+                    report.skipped.append({"path": item.path, "error": str(exc)})
+                    if on_skip is not None:
+                        on_skip(item.path, str(exc))
+                    continue
+                tensors.append(tensor)
+                originals.append(rgb)
+                items.append(item)
+            if items:
+                with torch.no_grad(), autocast(precision, device):
+                    prediction = model.predict(torch.stack(tensors).to(device))
+                scores = prediction.scores.float().cpu().numpy()
+                maps = resize_maps(prediction.maps, [rgb.shape[:2] for rgb in originals])
+                for item, rgb, score, full_map in zip(items, originals, scores, maps):
+                    row, files = _row(item, rgb, float(score), full_map, thresholds, out, image_format, write_images)
+                    report.rows.append(row)
+                    pending_writes.extend(writers.submit(_encode_and_write, uri, data) for uri, data in files)
+            done += len(batch)
+            pending_writes = _drain(pending_writes, limit=4 * batch_size)
+            if on_progress is not None:
+                on_progress(done, len(inputs))
+        _drain(pending_writes, limit=0)
+    report.seconds = time.perf_counter() - started
+    _write_tables(report, out)
+    return report
+
+
+def _encode_and_write(uri: str, data: Callable[[], bytes]) -> None:
+    storage.write_bytes(uri, data())
+
+
+def _drain(futures: list[Future], limit: int) -> list[Future]:
+    """Wait until at most ``limit`` writes are outstanding (bounds memory); re-raises failures."""
+    while len(futures) > limit:
+        futures.pop(0).result()
+    return futures
+
+
+def _row(item: InputImage, rgb: np.ndarray, score: float, full_map: np.ndarray, thresholds: Thresholds, out: str,
+         image_format: str, write_images: bool) -> tuple[dict[str, Any], list[tuple[str, Callable[[], bytes]]]]:
+    mask = full_map > thresholds.pixel
+    height, width = full_map.shape
+    row: dict[str, Any] = {
+        "path": item.path, "score": score, "anomalous": "yes" if score > thresholds.image else "no",
+        "image_threshold": thresholds.image, "pixel_threshold": thresholds.pixel,
+        "defect_area_px": int(mask.sum()), "width": width, "height": height,
+        "heatmap": "", "overlay": "", "mask": "",
+    }
+    files: list[tuple[str, Callable[[], bytes]]] = []
+    if write_images:
+        vmax = 2.0 * thresholds.pixel if thresholds.pixel > 0 else float(full_map.max())
+        heat = colorize(full_map, vmax)
+        row["heatmap"] = storage.join(out, "heatmaps", f"{item.name}.{image_format}")
+        row["overlay"] = storage.join(out, "overlays", f"{item.name}.{image_format}")
+        row["mask"] = storage.join(out, "masks", f"{item.name}.png")
+        # Encoding happens on the writer threads (PIL releases the GIL while compressing).
+        files = [
+            (row["heatmap"], lambda heat=heat: encode(heat, image_format)),
+            (row["overlay"], lambda heat=heat, rgb=rgb: encode(overlay(rgb, heat), image_format)),
+            (row["mask"], lambda mask=mask: encode(mask.astype(np.uint8) * 255, "png")),
+        ]
+    return row, files
+
+
+def _write_tables(report: PredictReport, out: str) -> None:
+    from agpctl.checkpoint import to_json
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in report.rows:
+        writer.writerow({**row, "score": f"{row['score']:.6g}"})
+    storage.write_text(storage.join(out, CSV_FILE), buffer.getvalue())
+    storage.write_text(storage.join(out, JSON_FILE), to_json(report.as_dict()) + "\n")
+
+
+def run_predict(source: str, run_uri: str, out: str, *, threshold: str = "auto", pixel_threshold: float | None = None,
+                recursive: bool = False, category: str | None = None, batch_size: int | None = None,
+                image_format: str = "png", write_images: bool = True, device: torch.device | None = None,
+                on_start: Callable[[int], None] | None = None, **kwargs: Any) -> PredictReport:
+    """Load the run, find the inputs, predict; see :func:`predict_images`."""
+    from agpctl.engine import default_device
+    from agpctl.evaluate import load_run
+
+    model_uri = select_model_run(run_uri, category)
+    run = load_run(model_uri, device or default_device())
+    thresholds = resolve_thresholds(run.thresholds, threshold, pixel_threshold)
+    inputs = discover_inputs(source, recursive)
+    if on_start is not None:
+        on_start(len(inputs))
+    model_info = {"run": model_uri, "method": run.cfg.method, "epoch": run.checkpoint.epoch,
+                  "image_size": run.cfg.model.image_size}
+    return predict_images(run.model, inputs, out, thresholds, batch_size=batch_size or run.cfg.train.eval_batch_size,
+                          image_format=image_format, write_images=write_images, precision=run.cfg.train.precision,
+                          device=device or default_device(), model_info=model_info, **kwargs)
+

@@ -1,0 +1,129 @@
+"""``agpctl predict`` and ``agpctl export``."""
+
+from __future__ import annotations
+
+import contextlib
+
+import click
+
+from agp_data import storage
+from agpctl.console import console, print_warning
+from agpctl.errors import UserError
+
+
+@click.command()
+@click.argument("source", metavar="INPUT")
+@click.option("--run", "run_uri", required=True, help="run directory or s3:// URI written by agpctl train")
+@click.option("--out", required=True, help="output folder or s3://bucket/prefix")
+@click.option("--threshold", default="auto", show_default=True,
+              help="'auto' (calibrated on held-out normal training images) or an image-score value")
+@click.option("--pixel-threshold", type=float, help="defect-mask threshold (default: --threshold's value, or auto)")
+@click.option("--category", help="per-category runs: which category's model to use")
+@click.option("--recursive", is_flag=True, help="include sub-folders (and ** in globs)")
+@click.option("--batch-size", type=int, help="images per model call (default: the run's eval batch size)")
+@click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
+              help="heatmap and overlay file format (masks are always PNG)")
+@click.option("--no-images", is_flag=True, help="write only predictions.csv / predictions.json")
+@click.option("--top", type=int, default=5, show_default=True, help="most anomalous images listed in the summary")
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="only 1: remote/distributed predict is not yet supported")
+@click.option("--address", help="not yet supported: predict runs locally (uses the GPU when present)")
+@click.option("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def predict(source, run_uri, out, threshold, pixel_threshold, category, recursive, batch_size, image_format, no_images,
+            top, workers, address, s3_endpoint, as_json):
+    """Score images with a trained run: CSV/JSON of scores plus heatmaps, overlays and masks.
+
+    INPUT is an image, a folder, a glob ("parts/*.png") or an s3:// prefix. Unreadable files
+    are reported and skipped. Runs on this machine (GPU when present); remote predict on a
+    Ray cluster (--workers > 1, --address) is not yet supported.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from agpctl.predict import run_predict
+
+    if workers != 1 or address:
+        raise UserError("remote predict (--workers > 1 / --address) is not yet supported; run without them")
+    storage.configure_s3(s3_endpoint)
+    progress = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, transient=True, disable=as_json)
+    with progress:
+        task = progress.add_task("predict", total=None)
+        report = run_predict(
+            source, run_uri, out, threshold=threshold, pixel_threshold=pixel_threshold, recursive=recursive,
+            category=category, batch_size=batch_size, image_format=image_format, write_images=not no_images,
+            on_start=lambda total: progress.update(task, total=total),
+            on_progress=lambda done, total: progress.update(task, completed=done),
+            on_skip=lambda path, error: None if as_json else print_warning(f"skipped {error}"),
+        )
+    if as_json:
+        from agpctl.checkpoint import to_json
+
+        summary = report.as_dict()
+        summary.pop("predictions")
+        summary["top"] = report.top(top)
+        click.echo(to_json(summary))
+        return
+    _print_summary(report, top)
+
+
+def _print_summary(report, top: int) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    t = report.thresholds
+    console.print(f"[bold]{len(report.rows)}[/] images scored in {report.seconds:.1f}s · "
+                  f"[bold red]{report.anomalous} anomalous[/] · {len(report.rows) - report.anomalous} normal · "
+                  f"{len(report.skipped)} skipped")
+    console.print(f"threshold: image {t.image:.6g}, pixel {t.pixel:.6g} ({escape(t.source)})")
+    if report.rows and top > 0:
+        table = Table(title=f"top {min(top, len(report.rows))} most anomalous")
+        for column in ("path", "score", "anomalous", "defect px"):
+            table.add_column(column, justify="right" if column != "path" else "left")
+        for row in report.top(top):
+            table.add_row(escape(row["path"]), f"{row['score']:.4g}", row["anomalous"], str(row["defect_area_px"]))
+        console.print(table)
+    if report.skipped:
+        console.print(f"[yellow]skipped {len(report.skipped)} unreadable file(s):[/]")
+        for item in report.skipped:
+            console.print(f"  {escape(item['path'])}")
+    console.print(f"results: [cyan]{escape(report.out)}[/] (predictions.csv, predictions.json"
+                  f"{', heatmaps/, overlays/, masks/' if any(r['heatmap'] for r in report.rows) else ''})")
+
+
+@click.command()
+@click.option("--run", "run_uri", required=True, help="run directory or s3:// URI written by agpctl train")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), required=True)
+@click.option("--out", required=True, help="model file to write (local or s3://)")
+@click.option("--image-size", type=int, help="input side S (default: the run's image size; else resized inside)")
+@click.option("--category", help="per-category runs: which category's model to export")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (>= 17)")
+@click.option("--batch-size", type=int,
+              help="ONNX: fix the batch size (default: dynamic when the method allows, else 1)")
+@click.option("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+def export(run_uri, fmt, out, image_size, category, opset, batch_size, s3_endpoint, as_json):
+    """Export a run as one self-contained model file and verify it against PyTorch.
+
+    Input: float32 RGB in [0, 1], shape (B, 3, S, S) (normalisation is inside). Outputs: the
+    anomaly map (B, S, S) and the image score (B,). The run's thresholds are stored in the
+    file's metadata.
+    """
+    from agpctl.export import export_run
+
+    storage.configure_s3(s3_endpoint)
+    with console.status(f"exporting to {fmt}", spinner="dots") if not as_json else contextlib.nullcontext():
+        result = export_run(run_uri, out, fmt, image_size=image_size, category=category, opset=opset,
+                            batch_size=batch_size)
+    if as_json:
+        from agpctl.checkpoint import to_json
+
+        click.echo(to_json(result.as_dict()))
+        return
+    batch = "any batch size" if result.batch_size is None else f"fixed batch size {result.batch_size}"
+    console.print(f"wrote [cyan]{result.path}[/] ({result.format}, {result.method}, {result.bytes / 1e6:.1f} MB, "
+                  f"input (B,3,{result.image_size},{result.image_size}) RGB in [0,1], {batch})")
+    console.print(f"verified on {result.verified_images} images (batch sizes {result.verified_batch_sizes}): "
+                  f"max abs diff map {result.map_max_abs_diff:.3g}, score {result.score_max_abs_diff:.3g} "
+                  f"(tolerance {result.tolerance:.3g})")
+
