@@ -20,6 +20,7 @@ LAZY_COMMANDS = {
     "jobs": "agpctl.jobs_cli:jobs",
     "predict": "agpctl.predict_cli:predict",
     "export": "agpctl.predict_cli:export",
+    "tune": "agpctl.tune_cli:tune",
 }
 
 

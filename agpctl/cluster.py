@@ -27,6 +27,17 @@ def address_kind(address: str | None) -> str:
     return "cluster"
 
 
+def use_token_if_available() -> None:
+    """Current Ray clusters require a token; Ray's clients only send one when
+    ``RAY_AUTH_MODE=token``. Turn that on when a token is at hand (``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``). Must run before Ray reads its config."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return  # the user decided
+    token_file = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or os.path.isfile(token_file):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def _check_reachable(address: str) -> None:
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     host, port = parsed.hostname, parsed.port
@@ -42,6 +53,8 @@ def _check_reachable(address: str) -> None:
 @contextlib.contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: dict | None = None):
     """``ray.init`` for the duration of a command; shuts down only what it started."""
+    if address_kind(address) != "local":
+        use_token_if_available()  # before Ray reads its configuration
     import ray
 
     if ray.is_initialized():  # e.g. inside a Ray job or a Tune trial: use what is there
@@ -62,6 +75,13 @@ def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: d
     else:
         _check_reachable(address)
         kwargs["address"] = address
+        if kind == "client" and runtime_env is None:
+            # Ray Client: the driver is here, the work there; ship this code and the
+            # non-secret environment (S3 endpoint, caches) along.
+            from agpctl.jobs import FORWARDED_ENV, package_dirs
+
+            env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+            kwargs["runtime_env"] = {"py_modules": package_dirs(), "env_vars": env}
     # Ray announces its (default-on) token authentication on every start; the token
     # itself is never printed, the announcement is just noise for our users.
     logging.getLogger("ray").setLevel(logging.ERROR)

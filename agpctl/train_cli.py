@@ -19,10 +19,37 @@ def train(resume, quiet, as_json, **options):
     """Train a model as a Ray Train job, then evaluate it on the test split."""
     from agpctl.train import launch_training
 
+    from agpctl.cluster import address_kind
+
     cfg = config_from_options(options)
+    if address_kind(cfg.cluster.address) == "jobs":
+        _submit_and_follow(cfg, resume)
+        return
     outcome = launch_training(cfg, resume=resume, console=console, quiet=quiet or as_json)
     if as_json:
         click.echo(to_json(outcome))
+
+
+def _submit_and_follow(cfg, resume) -> None:
+    """Ray Jobs: submit agpctl itself, stream its logs; Ctrl-C offers to stop the job."""
+    from agpctl.errors import UserError
+    from agpctl.jobs import follow_logs, submit_training
+
+    jobs, job_id, where = submit_training(cfg, cfg.cluster.address, resume)
+    console.print(f"submitted job [bold]{job_id}[/] to {cfg.cluster.address}; results: [cyan]{where}[/]")
+    try:
+        status = follow_logs(jobs, job_id, lambda text: click.echo(text, nl=False))
+    except KeyboardInterrupt:
+        if click.confirm(f"\nstop job {job_id} on the cluster?", default=False):
+            jobs.stop_job(job_id)
+            console.print(f"job {job_id}: stop requested")
+        else:
+            console.print(f"job {job_id} keeps running; follow it with: agpctl jobs logs {job_id} --follow "
+                          f"--address {cfg.cluster.address}")
+        return
+    if status != "SUCCEEDED":
+        raise UserError(f"job {job_id} ended {status}; see: agpctl jobs logs {job_id} --address {cfg.cluster.address}")
+    console.print(f"job {job_id} succeeded; results: [cyan]{where}[/]")
 
 
 @click.command(name="eval")

@@ -1,0 +1,97 @@
+"""Ray Jobs: run `agpctl train` on a remote cluster from a laptop.
+
+`agpctl train --address http://HOST:8265 …` resolves the run configuration here, then
+submits `agpctl` itself as the job's entrypoint. The job's runtime_env carries this very
+package (so the cluster runs the code you have) and the non-secret environment the job
+needs, such as the S3 endpoint. Credentials are never put on a command line or into the
+runtime_env: the cluster's machines use their own standard credential chain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from typing import Any
+
+from agpctl.config import RunConfig
+from agpctl.errors import UserError
+
+PACKAGES = ("agpctl", "agp_models", "agp_data", "tuning")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AGP_CACHE_DIR", "AGP_CACHE_MAX_GB")
+AGENT_WAIT_S = 90
+
+
+def client(address: str):
+    from agpctl.cluster import _check_reachable, use_token_if_available
+
+    _check_reachable(address)
+    use_token_if_available()
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # the SDK raises plain exceptions for auth and version problems
+        raise UserError(f"cannot use Ray Jobs at {address}: {_first_line(exc)}") from None
+
+
+def package_dirs() -> list[str]:
+    import importlib
+
+    return [os.path.dirname(importlib.import_module(name).__file__) for name in PACKAGES]
+
+
+def job_runtime_env(workdir: str) -> dict[str, Any]:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {"working_dir": workdir, "py_modules": package_dirs(), "env_vars": env}
+
+
+def submit_training(cfg: RunConfig, address: str, resume: str | None = None) -> tuple[Any, str, str]:
+    """Submits the run; returns (client, job id, where results land)."""
+    from agpctl.train import default_run_name, run_uri_for
+
+    job_cfg = RunConfig.from_dict(cfg.to_dict())
+    job_cfg.cluster.address = "auto"  # inside the job: the cluster it runs on
+    job_cfg.storage.name = job_cfg.storage.name or default_run_name(job_cfg)
+    jobs = client(address)
+    with tempfile.TemporaryDirectory(prefix="agp-job-") as workdir:
+        with open(os.path.join(workdir, "run.yaml"), "w") as fh:
+            fh.write(job_cfg.to_yaml())
+        entrypoint = "python -m agpctl.cli train --config run.yaml"
+        if resume:
+            entrypoint += f" --resume {resume}"
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(workdir),
+                                         metadata={"agp_run": job_cfg.storage.name})
+                break
+            except Exception as exc:
+                # A freshly started head node answers before its job agent is up.
+                if "No available agent" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(2)
+                    continue
+                raise UserError(f"Ray Jobs at {address} refused the submission: {_first_line(exc)}") from None
+    where = resume or (job_cfg.storage.out if "://" in job_cfg.storage.out else
+                       f"{job_cfg.storage.out}/{job_cfg.storage.name} (on the cluster)")
+    if "://" in job_cfg.storage.out and not resume:
+        where = run_uri_for(job_cfg.storage.out, job_cfg.storage.name)
+    return jobs, job_id, where
+
+
+def follow_logs(jobs, job_id: str, write) -> str:
+    """Streams the job's logs until it ends; returns its final status."""
+
+    async def tail() -> None:
+        async for chunk in jobs.tail_job_logs(job_id):
+            write(chunk)
+
+    asyncio.run(tail())
+    status = jobs.get_job_status(job_id)
+    return str(getattr(status, "value", status))
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[0] if lines else exc.__class__.__name__

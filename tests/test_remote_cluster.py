@@ -1,0 +1,101 @@
+"""A real Ray cluster started with `ray start --head` on 127.0.0.1 (own temp dir and ports):
+training submitted through Ray Client (ray://) and through Ray Jobs (http://)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train_ray import TINY_AGPNET
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """`ray start --head --block` in its own process group; teardown kills that group only."""
+    temp_dir = tempfile.mkdtemp(prefix="agpray", dir="/tmp")  # short: Ray puts sockets in here
+    gcs, client, dashboard = free_port(), free_port(), free_port()
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    proc = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--ray-client-server-port", str(client), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--num-cpus", "2", "--temp-dir", temp_dir, "--disable-usage-stats",
+         "--min-worker-port", "21000", "--max-worker-port", "21999",
+         # every port its own, so the fixture never collides with another Ray on this machine
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+         "--node-manager-port", str(free_port()), "--object-manager-port", str(free_port())],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        # like a real cluster node: its `python` is the one with agp's dependencies installed
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+    try:
+        wait_for_port(dashboard, 90)
+        wait_for_port(client, 90)
+        yield {"client": f"ray://127.0.0.1:{client}", "jobs": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def agpctl(*args: str, timeout: int = 420) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agpctl.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_train_through_ray_client(ray_cluster, generated_dataset, tmp_path):
+    proc = agpctl("train", "--address", ray_cluster["client"], "--dataset", "mvtec", "--root", generated_dataset,
+                  "--epochs", "1", "--out", str(tmp_path), "--name", "client", "--json", *TINY_AGPNET)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mean" in json.loads(proc.stdout)["metrics"]
+    assert (tmp_path / "client" / "metrics.json").exists()
+
+
+def test_train_through_ray_jobs_and_list_it(ray_cluster, generated_dataset, tmp_path):
+    proc = agpctl("train", "--address", ray_cluster["jobs"], "--dataset", "mvtec", "--root", generated_dataset,
+                  "--epochs", "1", "--out", str(tmp_path), "--name", "job", *TINY_AGPNET)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "succeeded" in proc.stdout
+    assert (tmp_path / "job" / "metrics.json").exists()
+    listing = agpctl("jobs", "list", "--address", ray_cluster["jobs"])
+    assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout
+
+
+def test_unreachable_cluster_is_one_clear_line(tmp_path):
+    port = free_port()
+    proc = agpctl("train", "--address", f"ray://127.0.0.1:{port}", "--dataset", "synthetic", "--out", str(tmp_path),
+                  *TINY_AGPNET, timeout=120)
+    assert proc.returncode == 2
+    assert "cannot reach Ray" in proc.stderr and "Traceback" not in proc.stderr
