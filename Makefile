@@ -18,8 +18,7 @@ $(BIN)/agpctl: pyproject.toml constraints.txt
 install: $(BIN)/agpctl
 
 demo: install
-	$(BIN)/agpctl data generate --out runs/demo-data --categories 3 --train 24 --test 12 --size 128
-	$(BIN)/agpctl data inspect --dataset synthetic --root runs/demo-data
+	$(BIN)/agpctl train --config examples/quickstart.yaml
 
 test: install
 	$(BIN)/python -m pytest -q -x --durations=15

@@ -68,6 +68,7 @@ class AnomalyModel(nn.Module):
     name: ClassVar[str]
     config_class: ClassVar[type[MethodConfig]]
     batch_extras: ClassVar[frozenset[str]] = frozenset()
+    pseudo_anomaly_probability: ClassVar[float] = 0.5  # share of "pseudo_anomaly" items with a defect
 
     def __init__(self, cfg: MethodConfig, backbone: nn.Module):
         super().__init__()

@@ -59,6 +59,7 @@ RUN_FLAGS: list[tuple[str, str, dict[str, Any], Callable[[Any], Any] | None]] = 
     ("--val-fraction", "data.val_fraction", {"type": float, "help": "normal training images held out for thresholds (default 0.1)"}, None),
     ("--loader-workers", "data.loader_workers", {"type": int, "help": "DataLoader processes per training worker"}, None),
     ("--cache-dir", "data.cache_dir", {"help": "local cache for s3:// images"}, None),
+    ("--texture-root", "data.texture_root", {"help": "DTD-style texture folder for pseudo-anomalies (default: generated textures)"}, None),
     ("--epochs", "train.epochs", {"type": int}, None),
     ("--batch-size", "train.batch_size", {"type": int}, None),
     ("--eval-batch-size", "train.eval_batch_size", {"type": int}, None),
