@@ -42,6 +42,7 @@ class DataConfig:
     val_fraction: float = 0.1  # normal training images held out for thresholds / validation
     loader_workers: int = 1  # DataLoader processes per training worker
     cache_dir: str | None = None  # local cache for s3:// images (default ~/.cache/agp)
+    texture_root: str | None = None  # DTD-style texture folder for pseudo-anomalies (else generated)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -55,6 +56,10 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     keep_checkpoints: int = 2
     threshold_quantile: float = 0.99  # auto threshold = this quantile of held-out normal scores
+    # Per-epoch validation, reported as val/i_auroc, val/p_auroc, val/pro, val/objective:
+    # none | synthetic (held-out normals + pseudo anomalies on them) | test (the test split:
+    # selecting on it leaks the test set; sweeps warn about it).
+    validation: str = "none"
 
 
 @dataclass(kw_only=True)

@@ -44,12 +44,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     )
     run = RunSpec.from_config(config)
     progress = ProgressSender(config.get("progress"), enabled=ctx.is_main)
-    resume = ray.train.get_checkpoint() or None
-    payload = None
-    if resume is not None:
-        with resume.as_directory() as directory:
-            with open(os.path.join(directory, ckpt.CHECKPOINT_FILE), "rb") as fh:
-                payload = ckpt.deserialise(fh.read(), resume.path)
+    payload = _latest_payload(ray.train.get_checkpoint(), run.run_uri)
 
     def report(metrics: dict[str, Any], checkpoint_payload: dict[str, Any] | None, epoch: int | None) -> None:
         if checkpoint_payload is None or not ctx.is_main:
@@ -73,6 +68,22 @@ def worker_loop(config: dict[str, Any]) -> None:
         )
 
     train_on_worker(run, ctx, wrap, report, progress, payload)
+
+
+def _latest_payload(ray_checkpoint, run_uri: str) -> dict[str, Any] | None:
+    """The newest valid checkpoint of this run, whether Ray hands one over (resume) or not:
+    after a worker-group restart Ray Train may start the new group without one, and the
+    run directory is the source of truth either way. Half-written checkpoints are skipped."""
+    candidates = []
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as directory:
+            with open(os.path.join(directory, ckpt.CHECKPOINT_FILE), "rb") as fh:
+                candidates.append(ckpt.deserialise(fh.read(), ray_checkpoint.path))
+    try:
+        candidates.append(ckpt.load_latest_checkpoint(run_uri).payload)
+    except UserError:  # a new run: nothing saved yet
+        pass
+    return max(candidates, key=lambda p: p["epoch"]) if candidates else None
 
 
 @dataclass
@@ -106,10 +117,16 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         cfg.data, splits, cfg.model.image_size, model.backbone.mean, model.backbone.std
     )
     base_train_set = train_set
+    validation_set = build_validation_set(cfg, val_set, test_set)
+    last_validation: dict[str, float] = {}
+    validated = False  # on every rank alike (only rank 0 gets metrics back)
     if model.batch_extras:
+        from agp_data.anomaly_synthesis import SynthesisConfig
         from agp_data.training_view import TrainingView
 
-        train_set = TrainingView(train_set, model.batch_extras, seed=cfg.train.seed)
+        synthesis = SynthesisConfig(probability=model.pseudo_anomaly_probability, texture_root=cfg.data.texture_root)
+
+        train_set = TrainingView(train_set, model.batch_extras, synthesis=synthesis, seed=cfg.train.seed)
     # The shuffle order and loader seeds depend on (seed, epoch) only, so a resumed run
     # sees exactly the batches an uninterrupted one would.
     sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
@@ -142,18 +159,25 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         done = trainer.state.epoch
         save = done == epochs or done % max(1, cfg.train.checkpoint_every) == 0
         payload = None
-        if save:
+        if save or validation_set is not None:  # validation predicts with the fitted inference state
             thresholds = finalise_inference_state(model, base_train_set, val_set, cfg, ctx, progress)
+        if save:
             payload = trainer.checkpoint_payload({"thresholds": thresholds, "backbone": _backbone_summary(model)})
         metrics = {"epoch": done, "seconds": seconds, **{f"train/{k}": v for k, v in losses.items()}}
+        if validation_set is not None:
+            last_validation, validated = validate(model, validation_set, cfg, ctx), True
+            metrics.update(last_validation)
         progress.epoch_end(done, losses, seconds, saved=save)
         report(metrics, payload, done)
 
+    if validation_set is not None and not validated:  # resumed after the last epoch: no epoch ran here
+        finalise_inference_state(model, base_train_set, val_set, cfg, ctx, progress)
+        last_validation = validate(model, validation_set, cfg, ctx)
     progress.phase("evaluating on the test split")
     predictions = predict_dataset(model, test_set, ctx, cfg.train.eval_batch_size, cfg.train.precision,
                                   on_batch=progress.eval_step, loader_workers=cfg.data.loader_workers)
     if not ctx.is_main:
-        report({"epoch": epochs, "final": 1}, None, None)
+        report({"epoch": epochs, "final": 1, **last_validation}, None, None)
         return None
     table = predictions.metrics()
     summary = {
@@ -172,9 +196,45 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
     ckpt.write_json(storage.join(run.run_uri, ckpt.SUMMARY_FILE), summary)
     ckpt.write_json(storage.join(run.run_uri, ckpt.METRICS_FILE), {"metrics": table, "summary": summary})
     mean = table.get("mean", {})
-    report({"epoch": epochs, "final": 1, **{f"test/{k}": v for k, v in mean.items()}}, None, None)
+    # The last validation metrics travel with the final report, so every report of a run
+    # carries the selection metric (Ray Tune requires it in each result).
+    report({"epoch": epochs, "final": 1, **last_validation, **{f"test/{k}": v for k, v in mean.items()}}, None, None)
     progress.finished(table)
     return table
+
+
+VALIDATION_MODES = ("none", "synthetic", "test")
+OBJECTIVE_METRICS = ("i_auroc", "p_auroc", "pro")
+
+
+def build_validation_set(cfg: RunConfig, val_set, test_set):
+    """The per-epoch validation dataset of ``cfg.train.validation``, or None."""
+    mode = cfg.train.validation
+    if mode == "none":
+        return None
+    if mode == "test":
+        return test_set
+    from agp_data.anomaly_synthesis import SynthesisConfig
+    from agp_data.validation import SyntheticValidationSet
+
+    synthesis = SynthesisConfig(texture_root=getattr(cfg.data, "texture_root", None))
+    return SyntheticValidationSet(val_set, seed=cfg.train.seed, synthesis=synthesis)
+
+
+def validate(model, dataset, cfg: RunConfig, ctx: WorkerContext) -> dict[str, float]:
+    """val/i_auroc, val/p_auroc, val/pro and val/objective (their mean, NaN skipped) on
+    rank 0; the other ranks return {} (only rank 0's metrics reach Ray)."""
+    import math
+
+    predictions = predict_dataset(model, dataset, ctx, cfg.train.eval_batch_size, cfg.train.precision,
+                                  loader_workers=cfg.data.loader_workers)
+    model.train()
+    if predictions is None:
+        return {}
+    mean = predictions.metrics().get("mean", {})
+    values = {name: float(mean.get(name, float("nan"))) for name in OBJECTIVE_METRICS}
+    finite = [v for v in values.values() if not math.isnan(v)]
+    return {**{f"val/{k}": v for k, v in values.items()}, "val/objective": sum(finite) / len(finite) if finite else 0.0}
 
 
 def finalise_inference_state(model, train_set, val_set, cfg: RunConfig, ctx: WorkerContext,
@@ -384,6 +444,10 @@ def _validate(cfg: RunConfig) -> None:
         raise UserError("--epochs must be at least 1")
     if cfg.train.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if cfg.train.validation not in VALIDATION_MODES:
+        raise UserError(f"train.validation {cfg.train.validation!r}: use one of {', '.join(VALIDATION_MODES)}")
+    if cfg.train.validation == "synthetic" and cfg.data.val_fraction <= 0 and not cfg.data.shots:
+        raise UserError("train.validation synthetic needs held-out normal images; set --val-fraction above 0")
     if cfg.train.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision {cfg.train.precision!r}: use fp32 or bf16")
     if cfg.cluster.workers < 1:
@@ -397,7 +461,7 @@ def _absolute_local_paths(cfg: RunConfig) -> None:
     def absolute(path: str | None) -> str | None:
         return path if not path or storage.is_s3(path) else os.path.abspath(os.path.expanduser(path))
 
-    for section, names in ((cfg.data, ("root", "normal_dir", "abnormal_dir", "mask_dir", "cache_dir")),
+    for section, names in ((cfg.data, ("root", "normal_dir", "abnormal_dir", "mask_dir", "cache_dir", "texture_root")),
                            (cfg.model.backbone, ("weights",))):
         for name in names:
             setattr(section, name, absolute(getattr(section, name)))

@@ -1,0 +1,70 @@
+"""A training worker killed mid-run: Ray Train restarts the worker group from the last
+valid checkpoint (--max-failures) and the run finishes with the full epoch count. Then a
+finished run is resumed with more epochs through `--resume`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_train_ray import TINY_AGPNET
+
+pytestmark = pytest.mark.slow
+EPOCHS = 25
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), so we only ever touch what this test started."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_killed_worker_restarts_from_checkpoint_and_finishes(generated_dataset, tmp_path):
+    run_dir = tmp_path / "faulty"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agpctl.cli", "train", "--dataset", "mvtec", "--root", generated_dataset,
+         "--epochs", str(EPOCHS), "--max-failures", "2", "--out", str(tmp_path), "--name", "faulty", *TINY_AGPNET],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "checkpoint_epoch-0002" / "model.pt").exists():
+            workers = [p for p in descendants(proc.pid) if "RayTrainWorker" in command_line(p)]
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed = workers[0]
+        time.sleep(0.05)
+    stdout, stderr = proc.communicate(timeout=400)
+    assert killed is not None, "the run ended before a worker could be killed"
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resumed from epoch" in stdout, stdout
+    summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+    assert summary["epochs"] == EPOCHS
+    assert (run_dir / f"checkpoint_epoch-{EPOCHS:04d}" / "model.pt").exists()
