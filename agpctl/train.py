@@ -369,10 +369,10 @@ def _fit_one(cfg: RunConfig, run_uri: str, view, resumed: bool) -> dict[str, Any
 
     fs, storage_path = storage_location(cfg.storage.out)
     channel = make_channel()
-    resume_checkpoint = None
     if resumed:
+        # The worker itself continues from the run's newest valid checkpoint; Ray Train V2
+        # refuses resume_from_checkpoint, so it is not handed over here.
         latest = ckpt.load_latest_checkpoint(run_uri)
-        resume_checkpoint = ray.train.Checkpoint(_ray_path(latest.uri), filesystem=fs)
         view.message(f"resuming from {latest.uri} (epoch {latest.epoch})")
     trainer = TorchTrainer(
         worker_loop,
@@ -390,7 +390,6 @@ def _fit_one(cfg: RunConfig, run_uri: str, view, resumed: bool) -> dict[str, Any
             failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
             worker_runtime_env=_worker_env(cfg),
         ),
-        resume_from_checkpoint=resume_checkpoint,
     )
     outcome: dict[str, Any] = {}
 
@@ -410,10 +409,6 @@ def _fit_one(cfg: RunConfig, run_uri: str, view, resumed: bool) -> dict[str, Any
     if getattr(result, "error", None):
         raise _training_error(result.error)
     return ckpt.read_json(storage.join(run_uri, ckpt.METRICS_FILE))["metrics"]
-
-
-def _ray_path(uri: str) -> str:
-    return uri[len("s3://"):] if storage.is_s3(uri) else uri
 
 
 def _worker_resources(cfg: RunConfig) -> dict[str, float]:

@@ -45,8 +45,14 @@ def command_line(pid: int) -> str:
         return ""
 
 
-def test_killed_worker_restarts_from_checkpoint_and_finishes(generated_dataset, tmp_path):
-    run_dir = tmp_path / "faulty"
+@pytest.fixture(scope="module")
+def faulty_run(generated_dataset, tmp_path_factory):
+    return tmp_path_factory.mktemp("fault") / "faulty"
+
+
+def test_killed_worker_restarts_from_checkpoint_and_finishes(generated_dataset, faulty_run):
+    run_dir = faulty_run
+    tmp_path = run_dir.parent
     proc = subprocess.Popen(
         [sys.executable, "-m", "agpctl.cli", "train", "--dataset", "mvtec", "--root", generated_dataset,
          "--epochs", str(EPOCHS), "--max-failures", "2", "--out", str(tmp_path), "--name", "faulty", *TINY_AGPNET],
@@ -68,3 +74,30 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(generated_dataset, 
     summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
     assert summary["epochs"] == EPOCHS
     assert (run_dir / f"checkpoint_epoch-{EPOCHS:04d}" / "model.pt").exists()
+
+
+def test_resume_continues_an_interrupted_run_to_the_same_epoch_count(generated_dataset, tmp_path):
+    """Interrupt a run for real (SIGKILL the driver and every process it started), resume it."""
+    run_dir = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "agpctl.cli", "train", "--dataset", "mvtec", "--root", generated_dataset,
+               "--epochs", str(EPOCHS), "--out", str(tmp_path), "--name", "interrupted", *TINY_AGPNET]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoint_epoch-0003" / "model.pt").exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        time.sleep(0.05)
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "agpctl.cli", "train", "--resume", str(run_dir)],
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout and "epoch 1/" not in resumed.stdout
+    assert f"epoch {EPOCHS}/{EPOCHS}" in resumed.stdout
+    summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+    assert summary["epochs"] == EPOCHS

@@ -1,0 +1,103 @@
+"""`agpctl tune` as a real Ray Tune sweep of real Ray Train runs on an embedded local Ray:
+ASHA on the per-epoch synthetic-validation objective, every trial run one after another on
+a 2-CPU machine, the best config retrained with `agpctl train --config`, and --resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from agpctl.config import RunConfig
+
+pytestmark = pytest.mark.slow
+
+TINY_AGPNET = [
+    "--method", "agpnet", "--backbone", "resnet18", "--pretrained", "no", "--layers", "1,2", "--image-size", "64",
+    "--set", "model.decoder_width=64", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2",
+    "--set", "model.score_pool=4", "--loader-workers", "0", "--batch-size", "4", "--val-fraction", "0.25",
+]
+SPACE = """\
+model.alpha_max: {type: uniform, low: 0.5, high: 2.0}
+model.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}
+"""
+
+
+def agpctl(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agpctl.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def sweep(generated_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweeps")
+    space = out / "space.yaml"
+    space.write_text(SPACE)
+    proc = agpctl("tune", "--dataset", "mvtec", "--root", generated_dataset, "--epochs", "2", "--samples", "3",
+                  "--scheduler", "asha", "--grace-period", "1", "--max-concurrent", "1", "--space", str(space),
+                  "--out", str(out), "--name", "tiny", "--json", *TINY_AGPNET)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout), out / "tiny"
+
+
+def test_every_trial_runs_and_asha_sees_the_objective(sweep):
+    outcome, sweep_dir = sweep
+    trials = outcome["trials"]
+    # max_concurrent 1: a later trial can only start once the earlier one released its CPU,
+    # stopped (ASHA) trials included.
+    assert len(trials) == 3
+    assert {t["status"] for t in trials} <= {"finished", "stopped"}
+    assert all(t["epochs"] >= 1 and t["objective"] is not None for t in trials)
+    assert any(t["status"] == "finished" for t in trials)
+    objectives = [t["objective"] for t in trials]
+    assert objectives == sorted(objectives, reverse=True)
+    for t in trials:
+        assert t["objective"] == pytest.approx((t["i_auroc"] + t["p_auroc"] + t["pro"]) / 3)
+        assert 0.5 <= t["params"]["model.alpha_max"] <= 2.0 and 1e-4 <= t["params"]["model.lr"] <= 1e-3
+        run = sweep_dir / "runs" / t["trial"]
+        assert (run / "config.yaml").exists() and (run / "checkpoint_epoch-0001").exists()
+
+
+def test_results_and_best_config_are_written(sweep):
+    outcome, sweep_dir = sweep
+    best = outcome["best"]
+    assert best["status"] == "finished" and best["test"]["i_auroc"] is not None
+    saved = json.loads((sweep_dir / "results.json").read_text())
+    assert saved["summary"]["test_metrics"].startswith("of the best trial only")
+    assert saved["summary"]["objective"] == "synthetic-val" and saved["summary"]["warnings"] == []
+    assert [t["trial"] for t in saved["trials"]] == [t["trial"] for t in outcome["trials"]]
+    rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
+    assert [r["trial"] for r in rows] == [t["trial"] for t in outcome["trials"]]
+    cfg = RunConfig.from_yaml((sweep_dir / "best.yaml").read_text())
+    assert cfg.model.alpha_max == pytest.approx(best["params"]["model.alpha_max"])
+    assert cfg.model.lr == pytest.approx(best["params"]["model.lr"])
+    assert cfg.model.backbone.pretrained == "no" and cfg.train.epochs == 2 and cfg.storage.name is None
+
+
+def test_best_config_trains_unchanged(sweep, tmp_path):
+    _, sweep_dir = sweep
+    proc = agpctl("train", "--config", str(sweep_dir / "best.yaml"), "--epochs", "1", "--out", str(tmp_path),
+                  "--name", "again", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout)["metrics"]
+    assert {"fabric", "metal", "mean"} <= set(metrics)
+    assert (tmp_path / "again" / "checkpoint_epoch-0001").exists()
+
+
+def test_resume_of_a_finished_sweep_reruns_nothing(sweep):
+    outcome, sweep_dir = sweep
+    proc = agpctl("tune", "--resume", str(sweep_dir), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = json.loads(proc.stdout)
+    assert [(t["trial"], t["epochs"], t["objective"]) for t in again["trials"]] == \
+        [(t["trial"], t["epochs"], t["objective"]) for t in outcome["trials"]]
+
+
+def test_existing_sweep_is_never_overwritten(sweep, generated_dataset):
+    _, sweep_dir = sweep
+    proc = agpctl("tune", "--dataset", "mvtec", "--root", generated_dataset, "--out", str(sweep_dir.parent),
+                  "--name", "tiny", "--samples", "1", *TINY_AGPNET)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "--resume" in proc.stderr and "Traceback" not in proc.stderr
