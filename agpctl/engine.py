@@ -8,8 +8,6 @@ enter only through :class:`agp_models.base.AnomalyModel`.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -285,15 +283,3 @@ def loader_generator(seed: int) -> torch.Generator:
     generator = torch.Generator()
     generator.manual_seed(seed)
     return generator
-
-
-class Stopwatch:
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
-def finite_or_none(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value

@@ -66,3 +66,15 @@ def agp_cache_dir(tmp_path, monkeypatch) -> str:
     path = tmp_path / "agp-cache"
     monkeypatch.setenv("AGP_CACHE_DIR", str(path))
     return os.fspath(path)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module: on shared busy cores several threads spin and
+    run many times slower than one (measured: 73 s vs 10 s for AGPNet's training test)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

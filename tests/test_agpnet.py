@@ -48,13 +48,8 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The test machine's cores are shared: several intra-op threads on busy cores spin and run
-    # many times slower than one (measured: 73 s vs 10 s for the training test).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
