@@ -67,7 +67,9 @@ class ClusterConfig:
     address: str | None = None  # None: embedded local Ray; ray://host:10001; http://host:8265
     workers: int = 1
     gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
+    # None (auto): the embedded local Ray shares the machine's CPUs among the workers; a
+    # remote cluster reserves 1 per worker. Torch uses as many threads as CPUs reserved.
+    cpus_per_worker: float | None = None
     max_failures: int = 0
 
 

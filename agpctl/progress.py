@@ -72,10 +72,22 @@ class ProgressSender:
 class ProgressView:
     """Driver side."""
 
-    def __init__(self, console=None, quiet: bool = False):
+    def __init__(self, console=None, quiet: bool = False, plain_interval: float = 30.0):
         self.console = console or default_console
         self.quiet = quiet
         self._warned: set[str] = set()
+        # Without a terminal (a log file, CI, a Ray job's logs) the live bars do not render:
+        # print a plain progress line at most every ``plain_interval`` seconds instead.
+        self.plain_interval = plain_interval
+        self._last_plain = time.monotonic()
+
+    def _plain(self, text: str, final: bool = False) -> None:
+        if self.quiet or self.console.is_terminal:
+            return
+        now = time.monotonic()
+        if final or now - self._last_plain >= self.plain_interval:
+            self._last_plain = now
+            self.console.print(text)
 
     def warning(self, text: str) -> None:
         if text not in self._warned:
@@ -126,7 +138,9 @@ class ProgressView:
         elif kind == "step":
             _, epoch, batch, loss = event
             task = self._epoch_task(progress, state, epoch)
-            progress.update(task, completed=batch, info=f"loss {loss:.4f}" if loss is not None else "")
+            info = f"loss {loss:.4f}" if loss is not None else ""
+            progress.update(task, completed=batch, info=info)
+            self._plain(f"epoch {epoch + 1}/{state['epochs']} · step {batch}/{state['steps']} · {info}")
         elif kind == "epoch_end":
             _, epoch, losses, seconds, saved = event
             if state.get("task") is not None:
@@ -142,6 +156,7 @@ class ProgressView:
             if state.get("eval") is None:
                 state["eval"] = progress.add_task("evaluating", total=total, info="")
             progress.update(state["eval"], completed=done)
+            self._plain(f"evaluating · {done}/{total} images", final=done == total)
         elif kind == "warning":
             self.warning(event[1])
         elif kind == "message":

@@ -78,7 +78,7 @@ RUN_FLAGS: list[tuple[str, str, dict[str, Any], Callable[[Any], Any] | None]] = 
     ("--std", "model.backbone.std", {"help": "normalisation std"}, _floats),
     ("--workers", "cluster.workers", {"type": int, "help": "Ray Train workers (DDP)"}, None),
     ("--gpus-per-worker", "cluster.gpus_per_worker", {"type": float}, None),
-    ("--cpus-per-worker", "cluster.cpus_per_worker", {"type": float}, None),
+    ("--cpus-per-worker", "cluster.cpus_per_worker", {"type": float, "help": "CPUs reserved per worker, also its torch threads (default: the embedded Ray's CPUs shared by the workers; 1 on a remote cluster)"}, None),
     ("--max-failures", "cluster.max_failures", {"type": int, "help": "worker failures to recover from (restart from the last checkpoint)"}, None),
     ("--address", "cluster.address", {"help": "ray://host:10001 or http://host:8265 (default: embedded local Ray)"}, None),
     ("--out", "storage.out", {"help": "where runs are written: folder or s3://bucket/prefix (default runs)"}, None),

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from agp_data import storage
 from agpctl import checkpoint as ckpt
@@ -29,12 +29,14 @@ from agpctl.engine import (
 )
 from agpctl.errors import UserError
 from agpctl.progress import ProgressSender
+from agpctl.sharding import ShardedBatchSampler
 
 
 # ---------------------------------------------------------------------------------------
 # inside each Ray Train worker
 # ---------------------------------------------------------------------------------------
 def worker_loop(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -43,6 +45,10 @@ def worker_loop(config: dict[str, Any]) -> None:
         rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device()
     )
     run = RunSpec.from_config(config)
+    # Intra-op threads follow the CPUs Ray reserved for this worker (Ray's default is 1).
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
     progress = ProgressSender(config.get("progress"), enabled=ctx.is_main)
     payload = _latest_payload(ray.train.get_checkpoint(), run.run_uri)
 
@@ -129,13 +135,15 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         train_set = TrainingView(train_set, model.batch_extras, synthesis=synthesis, seed=cfg.train.seed)
     # The shuffle order and loader seeds depend on (seed, epoch) only, so a resumed run
     # sees exactly the batches an uninterrupted one would.
-    sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                 seed=cfg.train.seed)
+    if len(train_set) < ctx.world_size:
+        raise UserError(f"{len(train_set)} training image(s) cannot feed {ctx.world_size} workers: "
+                        f"lower --workers to {max(1, len(train_set))}")
     batch_size = min(cfg.train.batch_size, max(1, len(train_set) // ctx.world_size))
+    sampler = ShardedBatchSampler(len(train_set), batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                                  seed=cfg.train.seed)
     generator = loader_generator(cfg.train.seed)
     loader = DataLoader(
-        train_set, batch_size=batch_size, sampler=sampler, drop_last=True,
-        num_workers=cfg.data.loader_workers, generator=generator,
+        train_set, batch_sampler=sampler, num_workers=cfg.data.loader_workers, generator=generator,
         persistent_workers=cfg.data.loader_workers > 0, pin_memory=ctx.device.type == "cuda",
     )
     wrapped = wrap(model)
@@ -368,6 +376,9 @@ def _fit_one(cfg: RunConfig, run_uri: str, view, resumed: bool) -> dict[str, Any
     from agpctl.progress import make_channel
 
     fs, storage_path = storage_location(cfg.storage.out)
+    if cfg.cluster.cpus_per_worker is None:  # auto, resolved against the live cluster; the saved config stays auto
+        cpus = resolve_cpus_per_worker(cfg, ray.cluster_resources().get("CPU", 1.0))
+        cfg = cfg.with_overrides({"cluster.cpus_per_worker": cpus})
     channel = make_channel()
     if resumed:
         # The worker itself continues from the run's newest valid checkpoint; Ray Train V2
@@ -411,8 +422,18 @@ def _fit_one(cfg: RunConfig, run_uri: str, view, resumed: bool) -> dict[str, Any
     return ckpt.read_json(storage.join(run_uri, ckpt.METRICS_FILE))["metrics"]
 
 
+def resolve_cpus_per_worker(cfg: RunConfig, cluster_cpus: float, concurrent_runs: int = 1) -> float:
+    """``cluster.cpus_per_worker``, or for auto (None) the embedded instance's CPUs shared by
+    all workers of ``concurrent_runs`` runs (a laptop run uses every core), 1 on a remote cluster."""
+    if cfg.cluster.cpus_per_worker is not None:
+        return cfg.cluster.cpus_per_worker
+    if cfg.cluster.address:
+        return 1.0
+    return float(max(1, int(cluster_cpus // max(1, cfg.cluster.workers * concurrent_runs))))
+
+
 def _worker_resources(cfg: RunConfig) -> dict[str, float]:
-    resources = {"CPU": cfg.cluster.cpus_per_worker}
+    resources = {"CPU": cfg.cluster.cpus_per_worker if cfg.cluster.cpus_per_worker is not None else 1.0}
     if cfg.cluster.gpus_per_worker > 0:
         resources["GPU"] = cfg.cluster.gpus_per_worker
     return resources

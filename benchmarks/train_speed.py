@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_speed.py --method agpnet            # CPU or the first GPU
     .venv/bin/python benchmarks/train_speed.py --method agpnet --precision fp32 --steps 5
+    .venv/bin/python benchmarks/train_speed.py --method all      # agpnet, onenip, rlr
 
 Defaults: batch 8, fp32 and bf16 autocast, 2 warm-up + 3 timed steps on GPU (1 + 2 on CPU,
 where one ViT-S/16 AGPNet step at 256 px takes seconds).
@@ -176,7 +177,62 @@ def bench_agpnet(args: argparse.Namespace, device: torch.device) -> list[Row]:
     return measure("agpnet", model, make_batch, device, args.precision, args.batch, args.warmup, args.steps)
 
 
-METHODS: dict[str, Callable[[argparse.Namespace, torch.device], list[Row]]] = {"agpnet": bench_agpnet}
+def bench_onenip(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """OneNIP at its defaults (EfficientNet-b4 strides 2/4/8/16 at 224 px, 4+4 layers of width
+    256, restoration stream and refiner on). A training step reconstructs the clean batch and
+    its pseudo-anomalous copy from one prompt each; the pseudo-anomalous features are never
+    cached (every epoch pastes new defects), so the backbone runs on them every step."""
+    from agp_models.onenip import OneNIP, OneNIPConfig
+
+    cfg = OneNIPConfig(backbone=BackboneConfig(name="efficientnet_b4", pretrained="no"), feature_cache=args.feature_cache)
+    backbone = build_backbone(cfg.backbone, cfg.layers, cfg.image_size)
+    model = OneNIP(cfg, backbone).to(device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    size, b = cfg.image_size, args.batch
+    images = torch.randn(b, 3, size, size, generator=generator).to(device)
+    prompts = torch.randn(b, 3, size, size, generator=generator).to(device)
+    anomaly_images = torch.randn(b, 3, size, size, generator=generator).to(device)
+    anomaly_masks = torch.zeros(b, 1, size, size, device=device)
+    anomaly_masks[:, :, size // 4 : size // 2, size // 4 : size // 2] = 1.0
+    index = torch.arange(b)
+
+    def make_batch(step: int) -> dict:
+        return {
+            "image": images, "index": index, "prompt_image": prompts, "prompt_index": index + b,
+            "anomaly_image": anomaly_images, "anomaly_mask": anomaly_masks, "category": ["bench"] * b,
+        }
+
+    model.fit_inference_state([make_batch(0)])  # prompt pool + score normalisation for predict
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    print(f"onenip: {trainable / 1e6:.2f} M trainable parameters, feature_cache={cfg.feature_cache}")
+    return measure("onenip", model, make_batch, device, args.precision, args.batch, args.warmup, args.steps)
+
+
+def bench_rlr(args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """RLR at its defaults (tf_efficientnet_b6 strides 8/16 at 256 px, one 4-block
+    reconstruction network per level with widths 256/512, MLKA + LCA, feature jitter)."""
+    from agp_models.rlr import RLR, RLRConfig
+
+    cfg = RLRConfig(backbone=BackboneConfig(name="tf_efficientnet_b6", pretrained="no"), feature_cache=args.feature_cache)
+    backbone = build_backbone(cfg.backbone, cfg.layers, cfg.image_size)
+    model = RLR(cfg, backbone).to(device)
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    images = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=generator).to(device)
+    index = torch.arange(args.batch)
+
+    def make_batch(step: int) -> dict:
+        return {"image": images, "index": index}
+
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    print(f"rlr: {trainable / 1e6:.2f} M trainable parameters, feature_cache={cfg.feature_cache}")
+    return measure("rlr", model, make_batch, device, args.precision, args.batch, args.warmup, args.steps)
+
+
+METHODS: dict[str, Callable[[argparse.Namespace, torch.device], list[Row]]] = {
+    "agpnet": bench_agpnet,
+    "onenip": bench_onenip,
+    "rlr": bench_rlr,
+}
 
 
 def print_table(rows: list[Row], device: torch.device) -> None:
