@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agp_models.base import AnomalyModel, BackboneConfig, Batch, MethodConfig, Prediction
-from agp_models.layers import LearnedPositionEmbedding, TransformerBlock
+from agp_models.layers import LearnedPositionEmbedding, TransformerBlock, resize_to_grid
 from agp_models.postprocess import postprocess
 
 __all__ = ["AGPNet", "AGPNetConfig", "AttentionDecoder", "minmax_normalise"]
@@ -106,15 +106,6 @@ def _linear_ramp(progress: float, start: float, end: float, low: float, high: fl
         return high if progress >= end else low
     fraction = min(max((progress - start) / (end - start), 0.0), 1.0)
     return low + (high - low) * fraction
-
-
-def _resize(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Area average when shrinking (every input pixel counts), bilinear when growing."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
-        return F.adaptive_avg_pool2d(x, size)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
 class AttentionDecoder(nn.Module):
@@ -207,8 +198,8 @@ class AGPNet(AnomalyModel):
         """F = Σ_l LN(f_l) (or concat of LN(f_l) resized to the token grid), (B, C, h, w)."""
         normed = []
         for f in maps:
-            f = F.layer_norm(f.permute(0, 2, 3, 1), (f.shape[1],), eps=self.cfg.layer_norm_eps).permute(0, 3, 1, 2)
-            normed.append(_resize(f, self.grid))  # no-op unless token_stride asks for another grid
+            f = F.layer_norm(f.permute(0, 2, 3, 1), (int(f.shape[1]),), eps=self.cfg.layer_norm_eps).permute(0, 3, 1, 2)
+            normed.append(resize_to_grid(f, self.grid))  # no-op unless token_stride asks for another grid
         if self.fusion == "sum":
             return torch.stack(normed).sum(dim=0)
         return torch.cat(normed, dim=1)
@@ -217,10 +208,10 @@ class AGPNet(AnomalyModel):
         """A_p (B, h, w): ViT CLS attention (mean over heads and layers); CNN channel-mean |f_l|."""
         if out.attentions is not None:
             probs = torch.stack([a.float().mean(dim=1) for a in out.attentions]).mean(dim=0)
-            h, w = out.features[0].shape[-2:]
-            return _resize(probs.reshape(-1, 1, h, w), self.grid)[:, 0]
+            h, w = int(out.features[0].shape[-2]), int(out.features[0].shape[-1])  # static when traced
+            return resize_to_grid(probs.reshape(-1, 1, h, w), self.grid)[:, 0]
         # Layers differ in scale: each activation map is brought to [0, 1] before averaging.
-        maps = [minmax_normalise(_resize(f.float().abs().mean(dim=1, keepdim=True), self.grid)) for f in out.features]
+        maps = [minmax_normalise(resize_to_grid(f.float().abs().mean(dim=1, keepdim=True), self.grid)) for f in out.features]
         return torch.stack(maps).mean(dim=0)[:, 0]
 
     def extract(self, images: Tensor, with_prior: bool = False) -> tuple[Tensor, ...]:

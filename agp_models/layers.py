@@ -194,3 +194,21 @@ def neighbourhood_mask(h: int, w: int, size: int, device: torch.device | None = 
     ys, xs = ys.reshape(-1), xs.reshape(-1)
     radius = size // 2
     return ((ys[:, None] - ys[None, :]).abs() <= radius) & ((xs[:, None] - xs[None, :]).abs() <= radius)
+
+
+def resize_to_grid(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(B, C, H, W) → (B, C, *size): area average when shrinking (every input pixel counts),
+    bilinear when growing.
+
+    The spatial sizes are read as Python ints: while tracing for export they are constants
+    (the image size is fixed), so the pooling kernel is static and ONNX keeps a dynamic batch.
+    """
+    height, width = int(x.shape[-2]), int(x.shape[-1])
+    if (height, width) == tuple(size):
+        return x
+    fy, fx = height // size[0], width // size[1]
+    if fy >= 1 and fx >= 1 and height == fy * size[0] and width == fx * size[1]:
+        return F.avg_pool2d(x, kernel_size=(fy, fx))  # exact factor: the same as adaptive pooling
+    if height >= size[0] and width >= size[1]:
+        return F.adaptive_avg_pool2d(x, size)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)

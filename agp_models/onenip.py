@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agp_models.base import AnomalyModel, BackboneConfig, Batch, MethodConfig, Prediction
-from agp_models.layers import MultiHeadAttention, neighbourhood_mask
+from agp_models.layers import MultiHeadAttention, neighbourhood_mask, resize_to_grid
 from agp_models.postprocess import postprocess
 
 __all__ = ["OneNIP", "OneNIPConfig", "Refiner", "dice_loss", "onenip_attention_mask"]
@@ -89,6 +89,7 @@ class OneNIPConfig(MethodConfig):
     fusion_alpha: float = 0.5  # α in S = (1 − α)·S_rec + α·M̂
     fusion_norm: str = "train"  # train | transductive
     prompt_selection: str = "similarity"  # similarity (paper) | class (authors' code)
+    grad_clip_norm: float = 0.1  # authors' code (UniAD lineage): clip_max_norm 0.1
     lr_drop_at: float = 0.8  # fraction of the steps after which lr ×lr_drop_factor (authors: 800/1000 epochs)
     lr_drop_factor: float = 0.1
 
@@ -322,18 +323,6 @@ class Refiner(nn.Module):
         return self.head(self.body(errors))
 
 
-def _resize_features(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Area average when shrinking (every input pixel counts), bilinear when growing."""
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    fy, fx = x.shape[-2] // size[0], x.shape[-1] // size[1]
-    if fy >= 1 and fx >= 1 and x.shape[-2] == fy * size[0] and x.shape[-1] == fx * size[1]:
-        return F.avg_pool2d(x, kernel_size=(fy, fx))  # exact integer factor: ONNX-friendly
-    if x.shape[-2] >= size[0] and x.shape[-1] >= size[1]:
-        return F.adaptive_avg_pool2d(x, size)
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
 def _encode_names(names: list[str]) -> Tensor:
     data = bytes([_CATEGORY_SEPARATOR]).join(n.encode("utf-8") for n in names)
     return torch.tensor(list(data), dtype=torch.uint8)
@@ -377,7 +366,7 @@ class OneNIP(AnomalyModel):
         """Concatenated multi-level backbone features on the token grid, (B, C, h, w) float32."""
         with torch.no_grad():
             out = self.backbone(images)
-            maps = [_resize_features(f.float(), self.grid) for f in out.features]
+            maps = [resize_to_grid(f.float(), self.grid) for f in out.features]
             return torch.cat(maps, dim=1)
 
     def reconstruct(self, target: Tensor, prompt: Tensor) -> Tensor:

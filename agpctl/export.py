@@ -141,9 +141,9 @@ def _export_onnx(wrapper: nn.Module, opset: int, metadata: dict[str, Any], batch
     """(file bytes, fixed batch size or None for a dynamic batch dimension).
 
     The legacy (TorchScript-based) exporter is used: the dynamo exporter needs onnxscript, which
-    is not a dependency of agp. With a dynamic batch axis it fails for methods whose pooling
-    kernels are computed from feature shapes (AGPNet's fusion, OneNIP's feature resizing): those
-    must be constants in ONNX, so such graphs are traced at a fixed batch size instead."""
+    is not a dependency of agp. The batch axis is dynamic; agp's methods read spatial sizes as
+    Python ints so that kernels are constants. A method that derives a kernel from a traced
+    shape makes the dynamic export fail, and is then traced at a fixed batch size instead."""
     import onnx
 
     attempts: list[int | None] = [batch_size] if batch_size else [None, 1]

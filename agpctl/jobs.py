@@ -1,4 +1,4 @@
-"""Ray Jobs: run `agpctl train` on a remote cluster from a laptop.
+"""Ray Jobs: run `agpctl train` (or `predict`) on a remote cluster from a laptop.
 
 `agpctl train --address http://HOST:8265 …` resolves the run configuration here, then
 submits `agpctl` itself as the job's entrypoint. The job's runtime_env carries this very
@@ -47,6 +47,32 @@ def job_runtime_env(workdir: str) -> dict[str, Any]:
     return {"working_dir": workdir, "py_modules": package_dirs(), "env_vars": env}
 
 
+def submit_command(address: str, args: list[str], *, files: dict[str, str] | None = None,
+                   metadata: dict[str, str] | None = None) -> tuple[Any, str]:
+    """Submits ``agpctl ARGS`` as a Ray job; ``files`` are written into its working directory.
+    Returns (client, job id)."""
+    import shlex
+
+    jobs = client(address)
+    with tempfile.TemporaryDirectory(prefix="agp-job-") as workdir:
+        for name, text in (files or {}).items():
+            with open(os.path.join(workdir, name), "w") as fh:
+                fh.write(text)
+        entrypoint = shlex.join(["python", "-m", "agpctl.cli", *args])
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(workdir),
+                                         metadata=metadata or {})
+                return jobs, job_id
+            except Exception as exc:
+                # A freshly started head node answers before its job agent is up.
+                if "No available agent" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(2)
+                    continue
+                raise UserError(f"Ray Jobs at {address} refused the submission: {_first_line(exc)}") from None
+
+
 def submit_training(cfg: RunConfig, address: str, resume: str | None = None) -> tuple[Any, str, str]:
     """Submits the run; returns (client, job id, where results land)."""
     from agpctl.train import default_run_name, run_uri_for
@@ -54,25 +80,9 @@ def submit_training(cfg: RunConfig, address: str, resume: str | None = None) -> 
     job_cfg = RunConfig.from_dict(cfg.to_dict())
     job_cfg.cluster.address = "auto"  # inside the job: the cluster it runs on
     job_cfg.storage.name = job_cfg.storage.name or default_run_name(job_cfg)
-    jobs = client(address)
-    with tempfile.TemporaryDirectory(prefix="agp-job-") as workdir:
-        with open(os.path.join(workdir, "run.yaml"), "w") as fh:
-            fh.write(job_cfg.to_yaml())
-        entrypoint = "python -m agpctl.cli train --config run.yaml"
-        if resume:
-            entrypoint += f" --resume {resume}"
-        deadline = time.monotonic() + AGENT_WAIT_S
-        while True:
-            try:
-                job_id = jobs.submit_job(entrypoint=entrypoint, runtime_env=job_runtime_env(workdir),
-                                         metadata={"agp_run": job_cfg.storage.name})
-                break
-            except Exception as exc:
-                # A freshly started head node answers before its job agent is up.
-                if "No available agent" in str(exc) and time.monotonic() < deadline:
-                    time.sleep(2)
-                    continue
-                raise UserError(f"Ray Jobs at {address} refused the submission: {_first_line(exc)}") from None
+    args = ["train", "--config", "run.yaml", *(["--resume", resume] if resume else [])]
+    jobs, job_id = submit_command(address, args, files={"run.yaml": job_cfg.to_yaml()},
+                                  metadata={"agp_run": job_cfg.storage.name})
     where = resume or (job_cfg.storage.out if "://" in job_cfg.storage.out else
                        f"{job_cfg.storage.out}/{job_cfg.storage.name} (on the cluster)")
     if "://" in job_cfg.storage.out and not resume:

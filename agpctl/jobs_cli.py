@@ -10,9 +10,30 @@ ADDRESS = click.option("--address", required=True, envvar="RAY_ADDRESS",
                        help="Ray Jobs address, e.g. http://head:8265 (or $RAY_ADDRESS)")
 
 
+def follow_submitted(jobs_client, job_id: str, address: str, where: str) -> None:
+    """Streams a submitted job's logs until it ends; Ctrl-C asks whether to stop it."""
+    from agpctl.errors import UserError
+    from agpctl.jobs import follow_logs
+
+    console.print(f"submitted job [bold]{job_id}[/] to {address}; results: [cyan]{where}[/]")
+    try:
+        status = follow_logs(jobs_client, job_id, lambda text: click.echo(text, nl=False))
+    except KeyboardInterrupt:
+        if click.confirm(f"\nstop job {job_id} on the cluster?", default=False):
+            jobs_client.stop_job(job_id)
+            console.print(f"job {job_id}: stop requested")
+        else:
+            console.print(f"job {job_id} keeps running; follow it with: agpctl jobs logs {job_id} --follow "
+                          f"--address {address}")
+        return
+    if status != "SUCCEEDED":
+        raise UserError(f"job {job_id} ended {status}; see: agpctl jobs logs {job_id} --address {address}")
+    console.print(f"job {job_id} succeeded; results: [cyan]{where}[/]")
+
+
 @click.group()
 def jobs():
-    """Submitted training jobs on a remote Ray cluster."""
+    """Training and predict jobs submitted to a remote Ray cluster."""
 
 
 @jobs.command(name="list")

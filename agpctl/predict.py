@@ -243,8 +243,9 @@ def predict_images(model, inputs: list[InputImage], out: str, thresholds: Thresh
                    device: torch.device | None = None, io_threads: int | None = None,
                    on_progress: Callable[[int, int], None] | None = None,
                    on_skip: Callable[[str, str], None] | None = None,
-                   model_info: dict[str, Any] | None = None) -> PredictReport:
-    """Run ``model`` (an eval-mode AnomalyModel) over ``inputs`` and write every output below ``out``."""
+                   model_info: dict[str, Any] | None = None, write_summary: bool = True) -> PredictReport:
+    """Run ``model`` (an eval-mode AnomalyModel) over ``inputs`` and write every output below
+    ``out``; ``write_summary=False`` leaves predictions.csv/json to the caller (sharded predict)."""
     from agpctl.engine import autocast
 
     if image_format not in IMAGE_FORMATS:
@@ -296,7 +297,8 @@ def predict_images(model, inputs: list[InputImage], out: str, thresholds: Thresh
                 on_progress(done, len(inputs))
         _drain(pending_writes, limit=0)
     report.seconds = time.perf_counter() - started
-    _write_tables(report, out)
+    if write_summary:
+        write_tables(report, out)
     return report
 
 
@@ -337,7 +339,7 @@ def _row(item: InputImage, rgb: np.ndarray, score: float, full_map: np.ndarray, 
     return row, files
 
 
-def _write_tables(report: PredictReport, out: str) -> None:
+def write_tables(report: PredictReport, out: str) -> None:
     from agpctl.checkpoint import to_json
 
     buffer = io.StringIO()

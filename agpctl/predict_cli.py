@@ -26,36 +26,51 @@ from agpctl.errors import UserError
 @click.option("--no-images", is_flag=True, help="write only predictions.csv / predictions.json")
 @click.option("--top", type=int, default=5, show_default=True, help="most anomalous images listed in the summary")
 @click.option("--workers", type=int, default=1, show_default=True,
-              help="only 1: remote/distributed predict is not yet supported")
-@click.option("--address", help="not yet supported: predict runs locally (uses the GPU when present)")
+              help="Ray tasks sharing the images (more than 1, or --address, runs predict on Ray)")
+@click.option("--gpus-per-worker", type=float, help="GPUs per Ray task (default: 1 when the cluster has GPUs)")
+@click.option("--address", help="ray://host:10001 (tasks on the cluster), http://host:8265 (submitted as a Ray job) "
+                                 "or auto; INPUT, --run and --out must then be s3:// or shared paths")
 @click.option("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 def predict(source, run_uri, out, threshold, pixel_threshold, category, recursive, batch_size, image_format, no_images,
-            top, workers, address, s3_endpoint, as_json):
+            top, workers, gpus_per_worker, address, s3_endpoint, as_json):
     """Score images with a trained run: CSV/JSON of scores plus heatmaps, overlays and masks.
 
     INPUT is an image, a folder, a glob ("parts/*.png") or an s3:// prefix. Unreadable files
-    are reported and skipped. Runs on this machine (GPU when present); remote predict on a
-    Ray cluster (--workers > 1, --address) is not yet supported.
+    are reported and skipped. By default runs in this process (GPU when present); --workers N
+    shares the images among N Ray tasks, --address runs them on a Ray cluster.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from agpctl.predict import run_predict
+    from agpctl.cluster import address_kind
 
-    if workers != 1 or address:
-        raise UserError("remote predict (--workers > 1 / --address) is not yet supported; run without them")
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
     storage.configure_s3(s3_endpoint)
+    if address_kind(address) == "jobs":
+        _submit_predict_job(address, source, run_uri, out, threshold, pixel_threshold, category, recursive, batch_size,
+                            image_format, no_images, top, workers, gpus_per_worker)
+        return
     progress = Progress(TextColumn("predicting"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, transient=True, disable=as_json)
+    common = dict(
+        threshold=threshold, pixel_threshold=pixel_threshold, recursive=recursive, category=category,
+        batch_size=batch_size, image_format=image_format, write_images=not no_images,
+        on_skip=lambda path, error: None if as_json else print_warning(f"skipped {error}"),
+    )
     with progress:
         task = progress.add_task("predict", total=None)
-        report = run_predict(
-            source, run_uri, out, threshold=threshold, pixel_threshold=pixel_threshold, recursive=recursive,
-            category=category, batch_size=batch_size, image_format=image_format, write_images=not no_images,
-            on_start=lambda total: progress.update(task, total=total),
-            on_progress=lambda done, total: progress.update(task, completed=done),
-            on_skip=lambda path, error: None if as_json else print_warning(f"skipped {error}"),
-        )
+        hooks = dict(on_start=lambda total: progress.update(task, total=total),
+                     on_progress=lambda done, total: progress.update(task, completed=done))
+        if workers > 1 or address:
+            from agpctl.predict_ray import run_predict_on_ray
+
+            report = run_predict_on_ray(source, run_uri, out, address=address, workers=workers,
+                                        gpus_per_worker=gpus_per_worker, on_warning=print_warning, **common, **hooks)
+        else:
+            from agpctl.predict import run_predict
+
+            report = run_predict(source, run_uri, out, **common, **hooks)
     if as_json:
         from agpctl.checkpoint import to_json
 
@@ -65,6 +80,23 @@ def predict(source, run_uri, out, threshold, pixel_threshold, category, recursiv
         click.echo(to_json(summary))
         return
     _print_summary(report, top)
+
+
+def _submit_predict_job(address, source, run_uri, out, threshold, pixel_threshold, category, recursive, batch_size,
+                        image_format, no_images, top, workers, gpus_per_worker) -> None:
+    """Ray Jobs: the whole predict runs on the cluster, from the paths as the cluster sees them."""
+    from agpctl.jobs import submit_command
+    from agpctl.jobs_cli import follow_submitted
+
+    args = ["predict", source, "--run", run_uri, "--out", out, "--threshold", str(threshold), "--address", "auto",
+            "--workers", str(workers), "--format", image_format, "--top", str(top)]
+    for flag, value in (("--pixel-threshold", pixel_threshold), ("--category", category),
+                        ("--batch-size", batch_size), ("--gpus-per-worker", gpus_per_worker)):
+        if value is not None:
+            args += [flag, str(value)]
+    args += ["--recursive"] * bool(recursive) + ["--no-images"] * bool(no_images)
+    jobs, job_id = submit_command(address, args, metadata={"agp_run": f"predict {run_uri}"})
+    follow_submitted(jobs, job_id, address, out)
 
 
 def _print_summary(report, top: int) -> None:

@@ -32,24 +32,11 @@ def train(resume, quiet, as_json, **options):
 
 def _submit_and_follow(cfg, resume) -> None:
     """Ray Jobs: submit agpctl itself, stream its logs; Ctrl-C offers to stop the job."""
-    from agpctl.errors import UserError
-    from agpctl.jobs import follow_logs, submit_training
+    from agpctl.jobs import submit_training
+    from agpctl.jobs_cli import follow_submitted
 
     jobs, job_id, where = submit_training(cfg, cfg.cluster.address, resume)
-    console.print(f"submitted job [bold]{job_id}[/] to {cfg.cluster.address}; results: [cyan]{where}[/]")
-    try:
-        status = follow_logs(jobs, job_id, lambda text: click.echo(text, nl=False))
-    except KeyboardInterrupt:
-        if click.confirm(f"\nstop job {job_id} on the cluster?", default=False):
-            jobs.stop_job(job_id)
-            console.print(f"job {job_id}: stop requested")
-        else:
-            console.print(f"job {job_id} keeps running; follow it with: agpctl jobs logs {job_id} --follow "
-                          f"--address {cfg.cluster.address}")
-        return
-    if status != "SUCCEEDED":
-        raise UserError(f"job {job_id} ended {status}; see: agpctl jobs logs {job_id} --address {cfg.cluster.address}")
-    console.print(f"job {job_id} succeeded; results: [cyan]{where}[/]")
+    follow_submitted(jobs, job_id, cfg.cluster.address, where)
 
 
 @click.command(name="eval")

@@ -56,8 +56,10 @@ def test_cli_exports_agpnet_to_onnx_and_it_matches_pytorch(trained_run, tmp_path
     assert result.exit_code == 0, result.output
     reported = json.loads(result.output)
     assert reported["map_max_abs_diff"] <= reported["tolerance"]
+    assert reported["batch_size"] is None  # a dynamic batch axis: any batch size runs
     model = load_run(trained_run, torch.device("cpu")).model
-    assert_matches(out, "onnx", model, batch=reported["batch_size"])
+    assert_matches(out, "onnx", model)
+    assert_matches(out, "onnx", model, batch=1)
 
     import onnx
 
@@ -103,10 +105,7 @@ def tiny_method_config(method: str) -> RunConfig:
 
 
 def built_method(method: str):
-    try:
-        model = build_model(tiny_method_config(method)).eval()
-    except Exception as exc:  # noqa: BLE001 - a method that cannot build is reported, not failed
-        pytest.skip(f"{method} does not build with a tiny config: {exc}")
+    model = build_model(tiny_method_config(method)).eval()
     if method == "onenip":  # prompt pool (two categories) and score normalisation, as after training
         normal = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         model.fit_inference_state([{"image": normal, "category": ["a", "a", "b", "b"]}])
@@ -120,7 +119,9 @@ def test_other_methods_export_and_match(method, fmt, tmp_path):
     out = str(tmp_path / f"{method}.{fmt}")
     result = export_model(model, out, fmt)
     assert result.map_max_abs_diff <= result.tolerance
-    assert_matches(out, fmt, model, batch=result.batch_size)
+    assert result.batch_size is None  # dynamic batch in ONNX too
+    assert_matches(out, fmt, model)
+    assert_matches(out, fmt, model, batch=1)
     if method == "onenip":
         # The prompt pool travels inside the file: an emptied pool in the live model does not matter.
         model.pool_features = model.pool_features[:0]

@@ -140,7 +140,36 @@ def test_colormap_runs_from_dark_blue_through_green_to_dark_red():
     assert picture[0, 2].tolist() == picture[0, 3].tolist() == [128, 0, 0]  # clipped above vmax
 
 
-def test_remote_predict_is_refused_with_a_clear_message(trained_run, image_folder, tmp_path):
+@pytest.mark.slow
+def test_sharded_predict_on_ray_equals_local_predict(trained_run, image_folder, tmp_path):
+    """--workers 2 on the embedded Ray: two tasks score halves of the inputs; the gathered
+    tables list every image once, in input order, with the local scores."""
+    local = run_predict(image_folder, trained_run, str(tmp_path / "local"), recursive=True, write_images=False)
+    out = str(tmp_path / "sharded")
+    result = CliRunner().invoke(cli, ["predict", image_folder, "--run", trained_run, "--out", out, "--recursive",
+                                      "--workers", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert summary["model"]["workers"] == 2
+    assert summary["summary"]["images"] == len(READABLE) and summary["summary"]["skipped"] == 1
+    rows = read_csv(os.path.join(out, "predictions.csv"))
+    assert [r["path"] for r in rows] == [r["path"] for r in local.rows]
+    np.testing.assert_allclose([float(r["score"]) for r in rows], [r["score"] for r in local.rows], rtol=1e-5)
+    for row in rows:  # each task wrote its own images' files
+        with Image.open(row["heatmap"]) as heat:
+            assert heat.size == (int(row["width"]), int(row["height"]))
+
+
+def test_workers_below_one_is_a_clear_error(trained_run, image_folder, tmp_path):
     result = CliRunner().invoke(cli, ["predict", image_folder, "--run", trained_run, "--out", str(tmp_path),
-                                      "--workers", "2"])
-    assert result.exit_code == 2 and "not yet supported" in result.output
+                                      "--workers", "0"])
+    assert result.exit_code == 2 and "--workers must be at least 1" in result.output
+
+
+def test_shards_are_contiguous_and_cover_the_inputs():
+    from agpctl.predict_ray import shards
+
+    items = list(range(7))
+    assert shards(items, 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert shards(items, 10) == [[i] for i in items]
+    assert shards([], 4) == [[]]

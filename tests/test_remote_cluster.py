@@ -99,3 +99,60 @@ def test_unreachable_cluster_is_one_clear_line(tmp_path):
                   *TINY_AGPNET, timeout=120)
     assert proc.returncode == 2
     assert "cannot reach Ray" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_run(generated_dataset, tmp_path_factory) -> str:
+    from test_pipeline import run_in_process, tiny_config
+
+    run_uri = str(tmp_path_factory.mktemp("cluster-predict") / "tiny")
+    run_in_process(tiny_config(generated_dataset, epochs=1), run_uri)
+    return run_uri
+
+
+def _scores(out: Path) -> dict[str, float]:
+    import csv
+
+    with open(out / "predictions.csv") as fh:
+        return {row["path"]: float(row["score"]) for row in csv.DictReader(fh)}
+
+
+def test_predict_through_ray_client_and_ray_jobs(ray_cluster, tiny_run, generated_dataset, tmp_path):
+    """The same images scored locally, by 2 tasks on the cluster through Ray Client, and by a
+    submitted Ray job (which itself uses 2 tasks) give the same scores."""
+    images = os.path.join(generated_dataset, "fabric", "test")
+    local = agpctl("predict", images, "--run", tiny_run, "--out", str(tmp_path / "local"), "--recursive", "--no-images")
+    assert local.returncode == 0, local.stderr[-3000:]
+    expected = _scores(tmp_path / "local")
+    assert len(expected) == 6
+
+    client = agpctl("predict", images, "--run", tiny_run, "--out", str(tmp_path / "client"), "--recursive",
+                    "--address", ray_cluster["client"], "--workers", "2")
+    assert client.returncode == 0, client.stderr[-3000:]
+    assert "cluster's machines must see these paths" in client.stderr + client.stdout  # local paths: warned
+    got = _scores(tmp_path / "client")
+    assert got.keys() == expected.keys()
+    assert all(abs(got[k] - expected[k]) <= 1e-5 * max(1.0, abs(expected[k])) for k in expected)
+    assert len(list((tmp_path / "client" / "heatmaps").rglob("*.png"))) == 6
+
+    job = agpctl("predict", images, "--run", tiny_run, "--out", str(tmp_path / "job"), "--recursive",
+                 "--address", ray_cluster["jobs"], "--workers", "2", "--no-images")
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    assert "succeeded" in job.stdout
+    got = _scores(tmp_path / "job")
+    assert all(abs(got[k] - expected[k]) <= 1e-5 * max(1.0, abs(expected[k])) for k in expected)
+
+
+def test_tune_through_ray_client(ray_cluster, generated_dataset, tmp_path):
+    """A sweep whose trials (each a Ray Train run) execute on the cluster; the driver and the
+    results stay here."""
+    space = tmp_path / "space.yaml"
+    space.write_text("model.alpha_max: {type: choice, values: [0.5, 1.5]}\n")
+    proc = agpctl("tune", "--address", ray_cluster["client"], "--dataset", "mvtec", "--root", generated_dataset,
+                  "--epochs", "1", "--samples", "1", "--search", "grid", "--scheduler", "fifo", "--space", str(space),
+                  "--val-fraction", "0.25", "--out", str(tmp_path), "--name", "sweep", "--json", *TINY_AGPNET)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcome = json.loads(proc.stdout)
+    assert sorted(t["params"]["model.alpha_max"] for t in outcome["trials"]) == [0.5, 1.5]
+    assert all(t["status"] == "finished" for t in outcome["trials"])
+    assert (tmp_path / "sweep" / "best.yaml").exists()

@@ -48,3 +48,14 @@ def test_two_workers_train_from_and_to_s3_and_eval_reproduces(s3_server, s3_buck
         for name, value in row.items():
             if value is not None:
                 assert table[category][name] == pytest.approx(value, abs=1e-6), (category, name)
+
+    # The S3 run also serves predict, reading images from and writing results to S3.
+    images = f"{data_uri}/fabric/test/good"
+    predicted = subprocess.run(
+        [sys.executable, "-m", "agpctl.cli", "predict", images, "--run", f"{out}/ddp", "--out",
+         f"s3://{s3_bucket}/predictions", "--threshold", "0.5", "--no-images", "--json"],  # tiny run: no held-out normals
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    assert json.loads(predicted.stdout)["summary"]["images"] == len(storage.list_files(images))
+    assert storage.exists(f"s3://{s3_bucket}/predictions/predictions.csv")

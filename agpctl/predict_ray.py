@@ -1,0 +1,171 @@
+"""``agpctl predict`` on Ray: ``--workers N`` tasks on the embedded Ray or a cluster (``--address``).
+
+The driver lists the inputs and splits them into N contiguous shards; each Ray task loads the
+run itself (from its directory or ``s3://``), scores its shard with the same loop as local
+predict and writes the per-image files below ``--out``. The driver gathers the rows in input
+order and writes ``predictions.csv`` / ``predictions.json`` once. On a remote cluster the
+tasks read INPUT and the run and write ``--out`` from the cluster's machines, so those must be
+``s3://`` URIs or paths every machine shares.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from agp_data import storage
+from agpctl.errors import UserError
+from agpctl.predict import (
+    InputImage,
+    PredictReport,
+    discover_inputs,
+    predict_images,
+    resolve_thresholds,
+    select_model_run,
+    write_tables,
+)
+
+
+def predict_shard(model_uri: str, items: list[InputImage], out: str, options: dict[str, Any], channel=None,
+                  shard: int = 0) -> PredictReport:
+    """One Ray task: load the run, predict ``items``, write their files (not the tables)."""
+    import torch
+
+    from agpctl.engine import default_device
+    from agpctl.evaluate import load_run
+
+    storage.configure_s3(options.get("s3_endpoint"))
+    cpus = _assigned_cpus()
+    if cpus:
+        torch.set_num_threads(cpus)
+    device = default_device()
+    run = load_run(model_uri, device)
+    thresholds = resolve_thresholds(run.thresholds, options["threshold"], options["pixel_threshold"])
+
+    def send(*event: Any) -> None:
+        if channel is not None:
+            try:
+                channel.put_nowait((shard, *event))
+            except Exception:  # progress is best effort
+                pass
+
+    return predict_images(
+        run.model, items, out, thresholds, batch_size=options["batch_size"] or run.cfg.train.eval_batch_size,
+        image_format=options["image_format"], write_images=options["write_images"], precision=run.cfg.train.precision,
+        device=device, write_summary=False,
+        on_progress=lambda done, total: send("progress", done),
+        on_skip=lambda path, error: send("skip", path, error),
+        model_info={"run": model_uri, "method": run.cfg.method, "epoch": run.checkpoint.epoch,
+                    "image_size": run.cfg.model.image_size},
+    )
+
+
+def _assigned_cpus() -> int:
+    try:
+        import ray
+
+        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    except Exception:
+        return 0
+
+
+def shards(items: list[InputImage], count: int) -> list[list[InputImage]]:
+    """``count`` contiguous, nearly equal shards (none empty), in input order."""
+    count = max(1, min(count, len(items)))
+    size, extra = divmod(len(items), count)
+    out, start = [], 0
+    for i in range(count):
+        end = start + size + (1 if i < extra else 0)
+        out.append(items[start:end])
+        start = end
+    return out
+
+
+def run_predict_on_ray(source: str, run_uri: str, out: str, *, address: str | None, workers: int,
+                       gpus_per_worker: float | None = None, threshold: str = "auto",
+                       pixel_threshold: float | None = None, recursive: bool = False, category: str | None = None,
+                       batch_size: int | None = None, image_format: str = "png", write_images: bool = True,
+                       on_start: Callable[[int], None] | None = None,
+                       on_progress: Callable[[int, int], None] | None = None,
+                       on_skip: Callable[[str, str], None] | None = None,
+                       on_warning: Callable[[str], None] | None = None) -> PredictReport:
+    from agpctl.cluster import address_kind, ray_session
+    from agpctl.progress import make_channel
+
+    if workers < 1:
+        raise UserError("--workers must be at least 1")
+    if batch_size is not None and batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    remote = address_kind(address) != "local"
+    local_paths = [p for p in (source, run_uri, out) if not storage.is_s3(p)]
+    # Through Ray Client the driver is here and the tasks are there (inside a Ray job both are there).
+    if address_kind(address) == "client" and local_paths and on_warning is not None:
+        on_warning(f"{', '.join(local_paths)}: the cluster's machines must see these paths too "
+                   "(use s3:// URIs unless they share a file system with this one)")
+    model_uri = select_model_run(run_uri, category)
+    _check_thresholds(model_uri, threshold, pixel_threshold)  # fail here, before any task starts
+    inputs = discover_inputs(source, recursive)
+    if on_start is not None:
+        on_start(len(inputs))
+    options = {"threshold": threshold, "pixel_threshold": pixel_threshold, "batch_size": batch_size,
+               "image_format": image_format, "write_images": write_images, "s3_endpoint": storage.s3_endpoint()}
+    started = time.perf_counter()
+    parts = shards(inputs, workers)
+    with ray_session(address) as ray:
+        resources = ray.cluster_resources()
+        gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+        cpus = 1.0 if remote else float(max(1, int(resources.get("CPU", 1) // max(1, len(parts)))))
+        channel = make_channel()
+        task = ray.remote(predict_shard).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
+        refs = [task.remote(model_uri, part, out, options, channel, i) for i, part in enumerate(parts)]
+        done_per_shard = [0] * len(parts)
+        pending = list(refs)
+        while pending:
+            _, pending = ray.wait(pending, timeout=0.5)
+            for event in _drain(channel):
+                shard, kind = event[0], event[1]
+                if kind == "progress":
+                    done_per_shard[shard] = event[2]
+                    if on_progress is not None:
+                        on_progress(sum(done_per_shard), len(inputs))
+                elif kind == "skip" and on_skip is not None:
+                    on_skip(event[2], event[3])
+        try:
+            reports: list[PredictReport] = ray.get(refs)
+        except Exception as exc:
+            raise UserError(f"predict failed on the cluster: {_user_line(exc)}") from None
+    report = reports[0]  # shards() always yields at least one (possibly empty) shard
+    for other in reports[1:]:
+        report.rows.extend(other.rows)
+        report.skipped.extend(other.skipped)
+    report.seconds = time.perf_counter() - started
+    report.model = {**report.model, "workers": len(parts)}
+    write_tables(report, out)
+    return report
+
+
+def _check_thresholds(model_uri: str, threshold: str, pixel_threshold: float | None) -> None:
+    from agpctl import checkpoint as ckpt
+
+    stored_uri = storage.join(model_uri, ckpt.THRESHOLDS_FILE)
+    if storage.exists(stored_uri):  # else the tasks read them from the checkpoint
+        resolve_thresholds(ckpt.read_json(stored_uri), threshold, pixel_threshold)
+
+
+def _drain(channel) -> list[tuple]:
+    events = []
+    while True:
+        try:
+            events.append(channel.get_nowait())
+        except Exception:  # ray.util.queue.Empty
+            return events
+
+
+def _user_line(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in ("UserError:", "DataError:", "BackboneError:"):
+        if marker in text:
+            return text.split(marker, 1)[1].strip().splitlines()[0]
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else exc.__class__.__name__
+
