@@ -49,6 +49,7 @@ class MethodConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     feature_cache: bool = True  # cache clean features of un-augmented training images
+    grad_clip_norm: float = 0.0  # clip the trainable parameters' gradient norm to this; 0 = off
 
 
 @dataclass

@@ -107,6 +107,8 @@ class Trainer:
             for optimizer, _ in self.optimizers:
                 optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.cfg.model.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), self.cfg.model.grad_clip_norm)
             for optimizer, scheduler in self.optimizers:
                 optimizer.step()
                 if scheduler is not None:
