@@ -332,6 +332,31 @@ def _create(name: str, pretrained: bool, kwargs: dict[str, Any], vit: bool, prob
         raise
 
 
+def available_layers(cfg: BackboneConfig) -> tuple[str, list[int]]:
+    """("blocks", 1..depth) for a ViT or ("stages", 0..n-1) for a CNN's feature levels, from
+    the network built on the meta device (cheap: no weights, no memory)."""
+    kwargs = dict(cfg.kwargs)
+    if _is_vit_name(cfg.name, kwargs):
+        probe = _create(cfg.name, False, kwargs, vit=True, probe=True)
+        return "blocks", list(range(1, len(probe.blocks) + 1))
+    with torch.device("meta"):
+        try:
+            probe = timm.create_model(cfg.name, pretrained=False, features_only=True, **kwargs)
+        except RuntimeError as exc:
+            raise BackboneError(f"backbone {cfg.name}: cannot build ({exc})") from exc
+    return "stages", list(range(len(probe.feature_info)))
+
+
+def check_layer_sets(cfg: BackboneConfig, layer_sets: list[list[int]]) -> None:
+    """Raises BackboneError naming the first layer set the backbone does not have."""
+    kind, valid = available_layers(cfg)
+    for layers in layer_sets:
+        missing = [layer for layer in layers if layer not in valid]
+        if missing or not layers:
+            raise BackboneError(f"backbone {cfg.name} has {kind} {valid[0]}..{valid[-1]}; layers {list(layers)} "
+                                f"do not fit it")
+
+
 def build_backbone(cfg: BackboneConfig, layers: list[int], image_size: int) -> Backbone:
     """Build the frozen backbone ``cfg.name`` returning feature maps of ``layers``.
 

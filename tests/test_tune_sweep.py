@@ -101,3 +101,39 @@ def test_existing_sweep_is_never_overwritten(sweep, generated_dataset):
                   "--name", "tiny", "--samples", "1", *TINY_AGPNET)
     assert proc.returncode == 2
     assert "already exists" in proc.stderr and "--resume" in proc.stderr and "Traceback" not in proc.stderr
+
+
+TINY_RLR = [
+    "--method", "rlr", "--backbone", "resnet18", "--pretrained", "no", "--layers", "1,2", "--image-size", "64",
+    "--set", "model.widths=[32,32]", "--set", "model.heads=2", "--set", "model.num_blocks=1",
+    "--loader-workers", "0", "--batch-size", "4", "--val-fraction", "0.25",
+]
+RLR_SPACE = """\
+model.alpha: {type: uniform, low: 0.5, high: 4.0}
+model.jitter_scale: {type: choice, values: [2.0, 6.0]}
+"""
+
+
+def test_rlr_sweep_writes_everything_to_s3(s3_server, s3_bucket, generated_dataset, tmp_path):
+    """Another method, and the whole sweep (Tune's experiment state, trial runs, results,
+    best.yaml) on a real S3 API; the best config trains from S3 unchanged."""
+    import boto3
+
+    space = tmp_path / "space.yaml"
+    space.write_text(RLR_SPACE)
+    out = f"s3://{s3_bucket}/sweeps"
+    proc = agpctl("tune", "--dataset", "mvtec", "--root", generated_dataset, "--epochs", "1", "--samples", "2",
+                  "--scheduler", "fifo", "--max-concurrent", "1", "--space", str(space), "--out", out,
+                  "--name", "rlr", "--json", *TINY_RLR)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcome = json.loads(proc.stdout)
+    assert [t["status"] for t in outcome["trials"]] == ["finished", "finished"]
+    assert outcome["best_config"] == f"{out}/rlr/best.yaml"
+    listing = boto3.client("s3").list_objects_v2(Bucket=s3_bucket, Prefix="sweeps/rlr/")
+    keys = {o["Key"] for o in listing.get("Contents", [])}
+    assert {"sweeps/rlr/best.yaml", "sweeps/rlr/results.json", "sweeps/rlr/results.csv"} <= keys
+    for trial in outcome["trials"]:
+        assert f"sweeps/rlr/runs/{trial['trial']}/metrics.json" in keys
+    best = RunConfig.from_yaml(boto3.client("s3").get_object(Bucket=s3_bucket, Key="sweeps/rlr/best.yaml")["Body"]
+                               .read().decode())
+    assert best.method == "rlr" and best.model.widths == [32, 32]

@@ -228,3 +228,45 @@ def test_cli_needs_held_out_normals_for_the_synthetic_objective(generated_datase
     assert result.exit_code == 2
     assert "raise --val-fraction" in result.output and "Traceback" not in result.output
     assert not list(tmp_path.iterdir())
+
+
+def test_trial_status_tells_asha_stops_from_interruptions():
+    from tuning.sweep import trial_status
+
+    assert trial_status(error=True, final=False, early_stopped=False, epochs_done=1) == "error"
+    assert trial_status(error=False, final=True, early_stopped=False, epochs_done=3) == "finished"
+    assert trial_status(error=False, final=False, early_stopped=True, epochs_done=1) == "stopped"
+    assert trial_status(error=False, final=False, early_stopped=False, epochs_done=2) == "interrupted"
+    assert trial_status(error=False, final=False, early_stopped=False, epochs_done=0) == "not started"
+
+
+def test_asha_records_the_trials_it_stops(tmp_path):
+    from types import SimpleNamespace
+
+    from tuning.schedulers import RecordingASHA, read_early_stopped
+
+    scheduler = RecordingASHA(sweep_uri=str(tmp_path), time_attr="epoch", metric="objective", mode="max", max_t=4,
+                              grace_period=1, reduction_factor=2)
+    trials = [SimpleNamespace(trial_id=f"t{i}", config={}) for i in range(4)]
+    for trial in trials:
+        scheduler.on_trial_add(None, trial)
+    decisions = {t.trial_id: scheduler.on_trial_result(None, t, {"epoch": 1, "objective": 0.9 - 0.2 * i})
+                 for i, t in enumerate(trials)}
+    stopped = {trial_id for trial_id, decision in decisions.items() if decision == scheduler.STOP}
+    assert stopped  # the weaker trials reaching the rung after the best are cut
+    assert read_early_stopped(str(tmp_path)) == stopped
+    assert read_early_stopped(str(tmp_path / "elsewhere")) == set()
+
+
+def test_layer_sets_the_backbone_lacks_fail_before_ray(generated_dataset, tmp_path):
+    """The default AGPNet space varies ViT blocks; with a CNN backbone that is one clear line."""
+    from click.testing import CliRunner
+
+    from agpctl.cli import cli
+
+    result = CliRunner().invoke(cli, ["tune", "--method", "agpnet", "--dataset", "mvtec", "--root", generated_dataset,
+                                      "--backbone", "resnet18", "--pretrained", "no", "--layers", "1,2",
+                                      "--val-fraction", "0.25", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "agpnet.yaml" in result.output and "backbone resnet18 has stages 0..4" in result.output
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written

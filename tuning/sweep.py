@@ -145,13 +145,39 @@ def validate_settings(settings: SweepSettings, space: SearchSpace) -> None:
         space.tune_domains("grid")  # raises for non-choice dimensions
 
 
+def space_layer_sets(space: SearchSpace) -> list[list[int]]:
+    """Every value the space can give ``model.layers`` (choices and groups)."""
+    sets: list[list[int]] = []
+    for dim in space.dimensions:
+        if dim.kind == "choice" and dim.key == "model.layers":
+            sets += [list(v) for v in dim.values]
+        elif dim.kind == "group":
+            sets += [list(v["model.layers"]) for v in dim.values if "model.layers" in v]
+    return sets
+
+
+def check_space_fits_backbone(space: SearchSpace, cfg: RunConfig) -> None:
+    """Layer sets of the space that the run's backbone does not have fail here, in one line,
+    instead of as errored trials (the default AGPNet space varies ViT blocks, for example)."""
+    from agp_models.backbones import BackboneError, check_layer_sets
+
+    sets = space_layer_sets(space)
+    if not sets or any(p.startswith("model.backbone") for d in space.dimensions for p in d.paths()):
+        return
+    try:
+        check_layer_sets(cfg.model.backbone, sets)
+    except BackboneError as exc:
+        raise UserError(f"search space {space.source}: {exc}; pass --space with layer sets for this backbone "
+                        f"(copy tuning/spaces/{cfg.method}.yaml and edit model.layers)") from None
+
+
 def default_max_concurrent(cfg: RunConfig, resources: dict[str, float]) -> int:
     """As many trials as the cluster holds at once, but 1 on small machines (≤ 4 CPUs),
     where concurrent trials only slow each other down."""
     cpus = float(resources.get("CPU", 1.0))
     if cpus <= 4:
         return 1
-    fits = cpus // max(1e-9, cfg.cluster.workers * cfg.cluster.cpus_per_worker)
+    fits = cpus // max(1e-9, cfg.cluster.workers * (cfg.cluster.cpus_per_worker or 1.0))
     if cfg.cluster.gpus_per_worker > 0:
         fits = min(fits, float(resources.get("GPU", 0.0)) // (cfg.cluster.workers * cfg.cluster.gpus_per_worker))
     return max(1, int(fits))
@@ -160,9 +186,13 @@ def default_max_concurrent(cfg: RunConfig, resources: dict[str, float]) -> int:
 def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepSettings | None, *,
               resume: str | None = None, console=None, quiet: bool = False) -> SweepOutcome:
     """Runs (or, with ``resume``, continues) a sweep and writes its results."""
-    from agpctl.train import _absolute_local_paths, _validate, resolve_pretrained, storage_location
+    from agpctl.train import _absolute_local_paths, _validate, resolve_cpus_per_worker, resolve_pretrained, storage_location
     from agpctl.data_setup import split_samples
 
+    from agpctl.cluster import address_kind, use_token_if_available
+
+    if cfg is not None and address_kind(cfg.cluster.address) != "local":
+        use_token_if_available()  # before anything imports Ray (grid domains do): Ray reads its auth mode once
     started = time.perf_counter()
     warnings_seen: list[str] = []
     if resume:
@@ -185,16 +215,18 @@ def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepS
         cfg.train.validation = VALIDATION_FOR_OBJECTIVE[settings.objective]
         _validate(cfg)
         _absolute_local_paths(cfg)
-        splits = split_samples(cfg.data, cfg.train.seed)  # data mistakes fail before Ray starts
-        if settings.objective == "synthetic-val" and not splits.val:
-            raise UserError(f"no held-out normal images for the synthetic validation (--val-fraction "
-                            f"{cfg.data.val_fraction} of {len(splits.train)} training images); raise --val-fraction")
-        warnings_seen += resolve_pretrained(cfg)
+        # An existing sweep is the first thing to report: nothing else matters if it would be overwritten.
         name = cfg.storage.name or default_sweep_name(cfg)
         out = cfg.storage.out if storage.is_s3(cfg.storage.out) else os.path.abspath(cfg.storage.out)
         sweep_uri = storage.join(out, name)
         if storage.exists(storage.join(sweep_uri, SWEEP_FILE)):
             raise UserError(f"sweep {sweep_uri} already exists; pass --resume {sweep_uri} to continue it or choose another --name")
+        splits = split_samples(cfg.data, cfg.train.seed)  # data mistakes fail before Ray starts
+        if settings.objective == "synthetic-val" and not splits.val:
+            raise UserError(f"no held-out normal images for the synthetic validation (--val-fraction "
+                            f"{cfg.data.val_fraction} of {len(splits.train)} training images); raise --val-fraction")
+        check_space_fits_backbone(space, cfg)
+        warnings_seen += resolve_pretrained(cfg)
         cfg.storage.out, cfg.storage.name = out, name
         storage.write_text(storage.join(sweep_uri, SWEEP_FILE), json.dumps({
             "base": cfg.to_dict(), "space": _space_raw(space), "settings": asdict(settings),
@@ -204,6 +236,7 @@ def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepS
     if settings.objective == "test":
         warnings_seen.append(TEST_OBJECTIVE_WARNING)
     view = SweepView(console, space, quiet=quiet, objective=settings.objective)
+    view.sweep_uri = sweep_uri
     for note in warnings_seen:
         view.warning(note)
     view.message(f"sweep [cyan]{sweep_uri}[/]: {cfg.method} on {cfg.data.dataset}, "
@@ -218,8 +251,12 @@ def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepS
     parent, _, name = sweep_uri.rpartition("/")
     with _sweep_ray(cfg.cluster.address), ray_session(cfg.cluster.address) as ray:
         max_concurrent = settings.max_concurrent or default_max_concurrent(cfg, ray.cluster_resources())
+        trial_base = cfg
+        if cfg.cluster.cpus_per_worker is None:  # auto: concurrent trials share the CPUs (best.yaml keeps auto)
+            trial_base = cfg.with_overrides({"cluster.cpus_per_worker": resolve_cpus_per_worker(
+                cfg, ray.cluster_resources().get("CPU", 1.0), concurrent_runs=max_concurrent)})
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, base=cfg.to_dict(), space_raw=_space_raw(space), method=cfg.method,
+            tune.with_parameters(run_trial, base=trial_base.to_dict(), space_raw=_space_raw(space), method=cfg.method,
                                  runs_uri=runs_uri),
             {"CPU": 0, "memory": TRIAL_MEMORY_BYTES},
         )
@@ -234,7 +271,7 @@ def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepS
                 param_space={"params": space.tune_domains(settings.search)},
                 tune_config=tune.TuneConfig(
                     metric=METRIC, mode="max", num_samples=settings.samples,
-                    scheduler=_scheduler(settings, cfg.train.epochs),
+                    scheduler=_scheduler(settings, cfg.train.epochs, sweep_uri),
                     search_alg=_search_alg(settings, max_concurrent),
                 ),
                 run_config=tune.RunConfig(
@@ -249,7 +286,9 @@ def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepS
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         with view.live():
             grid = tuner.fit()
-        trials = collect_trials(grid, space, runs_uri)
+        from tuning.schedulers import read_early_stopped
+
+        trials = collect_trials(grid, space, runs_uri, early_stopped=read_early_stopped(sweep_uri))
     outcome = summarise(cfg, space, settings, sweep_uri, trials, warnings_seen)
     outcome.wall_seconds = time.perf_counter() - started
     view.finished(outcome)
@@ -267,9 +306,11 @@ def _sweep_ray(address: str | None):
     and the stopped trial's CPUs are never released. So the embedded instance gets a
     known dashboard port and every worker is told it. Remote clusters are left alone.
     """
-    import ray
+    from agpctl.cluster import address_kind, use_token_if_available
 
-    from agpctl.cluster import address_kind
+    if address_kind(address) != "local":
+        use_token_if_available()  # before Ray is imported: Ray reads its auth mode once
+    import ray
 
     if address_kind(address) != "local" or ray.is_initialized():
         yield
@@ -291,14 +332,16 @@ def _sweep_ray(address: str | None):
         ray.shutdown()
 
 
-def _scheduler(settings: SweepSettings, epochs: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+def _scheduler(settings: SweepSettings, epochs: int, sweep_uri: str):
+    from ray.tune.schedulers import FIFOScheduler
+
+    from tuning.schedulers import RecordingASHA
 
     if settings.scheduler == "fifo":
         return FIFOScheduler()
     # max_t one past the last epoch: reaching max_t makes ASHA stop a trial at once, and the
     # last epoch must still reach its final report (test evaluation, metrics.json).
-    return ASHAScheduler(time_attr="epoch", max_t=max(1, epochs) + 1, grace_period=min(settings.grace_period, max(1, epochs)),
+    return RecordingASHA(sweep_uri=sweep_uri, time_attr="epoch", max_t=max(1, epochs) + 1, grace_period=min(settings.grace_period, max(1, epochs)),
                          reduction_factor=max(2, settings.reduction_factor))
 
 
@@ -320,8 +363,22 @@ def _space_raw(space: SearchSpace) -> dict[str, Any]:
     return json.loads(json.dumps(raw, default=str))  # plain JSON types (dict keys become text)
 
 
-def collect_trials(grid, space: SearchSpace, runs_uri: str) -> list[dict[str, Any]]:
+def trial_status(error: bool, final: bool, early_stopped: bool, epochs_done: int) -> str:
+    """finished (every epoch) | stopped (early, by ASHA) | interrupted (cut short, e.g. by
+    Ctrl-C: --resume continues it) | not started | error."""
+    if error:
+        return "error"
+    if final:
+        return "finished"
+    if early_stopped:
+        return "stopped"
+    return "interrupted" if epochs_done > 0 else "not started"
+
+
+def collect_trials(grid, space: SearchSpace, runs_uri: str, early_stopped: set[str] | None = None
+                   ) -> list[dict[str, Any]]:
     """One row per trial: parameters, status, epochs, last validation metrics."""
+    early_stopped = early_stopped or set()
     rows = []
     for result in grid:
         config = (result.config or {}).get("params", {})
@@ -335,7 +392,8 @@ def collect_trials(grid, space: SearchSpace, runs_uri: str) -> list[dict[str, An
         epochs_done = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
         row = {
             "trial": trial_id,
-            "status": "error" if result.error else ("finished" if metrics.get("final") else "stopped"),
+            "status": trial_status(bool(result.error), bool(metrics.get("final")), trial_id in early_stopped,
+                                   epochs_done),
             "epochs": epochs_done,
             "objective": _number(metrics.get(METRIC)),
             **{k.split("/", 1)[1]: _number(metrics.get(k)) for k in ("val/i_auroc", "val/p_auroc", "val/pro")},
@@ -373,6 +431,9 @@ def summarise(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep
     best = pick_best(trials)
     if best is None:
         errors = [t.get("error") for t in trials if t.get("error")]
+        if any(t["status"] in ("interrupted", "not started") for t in trials) and not errors:
+            raise UserError(f"the sweep was interrupted before any trial reported {METRIC}; "
+                            f"continue it with: agpctl tune --resume {sweep_uri}")
         if errors:
             known = _training_error(RuntimeError(errors[0]))
             raise known if isinstance(known, UserError) else UserError(
@@ -402,6 +463,7 @@ def summarise(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep
         "test_metrics": "of the best trial only; never used for selection" if settings.objective != "test"
                         else "of the best trial only; ALSO used for selection (--objective test)",
         "warnings": warnings_seen,
+        "unfinished": [t["trial"] for t in trials if t["status"] in ("interrupted", "not started")],
         "settings": asdict(settings),
         "space": _space_raw(space),
         "epochs": cfg.train.epochs,
@@ -468,6 +530,7 @@ class SweepView:
         self.quiet = quiet
         self.objective = objective
         self.rows: dict[str, dict[str, Any]] = {}
+        self.sweep_uri: str | None = None
         self._live = None
 
     def message(self, text: str) -> None:
@@ -549,6 +612,10 @@ class SweepView:
             from agpctl.report import metrics_table
 
             self.console.print(metrics_table({"mean": best["test"]}, title="test split · best trial only"))
+        unfinished = [t["trial"] for t in outcome.trials if t["status"] in ("interrupted", "not started")]
+        if unfinished:
+            self.console.print(f"[yellow]{len(unfinished)} trial(s) interrupted or not started;[/] continue the sweep "
+                               f"with: agpctl tune --resume {outcome.sweep_uri}")
         self.console.print(f"all trials: [cyan]{storage.join(outcome.sweep_uri, RESULTS_JSON)}[/] and "
                            f"[cyan]{storage.join(outcome.sweep_uri, RESULTS_CSV)}[/]; "
                            f"retrain with: agpctl train --config {outcome.best_config_uri}")
@@ -577,8 +644,11 @@ def _live_trials_callback(view: SweepView):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if self.view:
+                from tuning.schedulers import read_early_stopped
+
                 row = self.view.rows.get(trial.trial_id, {})
-                self.view.update(trial, status="finished" if row.get("final") else "stopped")
+                early = trial.trial_id in read_early_stopped(self.view.sweep_uri) if self.view.sweep_uri else True
+                self.view.update(trial, status=trial_status(False, bool(row.get("final")), early, 1))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if self.view:
