@@ -102,6 +102,23 @@ def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: d
         ray.shutdown()
 
 
+def local_cpu_share(cluster_cpus: float, consumers: int) -> float:
+    """CPUs each of ``consumers`` concurrent workers or tasks reserves on the embedded Ray:
+    the machine shared evenly (a laptop run uses every core), at least 1."""
+    return float(max(1, int(cluster_cpus // max(1, consumers))))
+
+
+def use_assigned_cpus() -> None:
+    """Inside a Ray worker or task: torch's intra-op threads follow the CPUs Ray reserved for
+    it (Ray itself caps them at 1 otherwise)."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if cpus:
+        torch.set_num_threads(max(1, int(cpus)))
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else exc.__class__.__name__

@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from agp_data import storage
-from agpctl.errors import UserError
+from agpctl.errors import UserError, user_error_from_remote
 from agpctl.predict import (
     InputImage,
     PredictReport,
@@ -29,15 +29,12 @@ from agpctl.predict import (
 def predict_shard(model_uri: str, items: list[InputImage], out: str, options: dict[str, Any], channel=None,
                   shard: int = 0) -> PredictReport:
     """One Ray task: load the run, predict ``items``, write their files (not the tables)."""
-    import torch
-
+    from agpctl.cluster import use_assigned_cpus
     from agpctl.engine import default_device
     from agpctl.evaluate import load_run
 
     storage.configure_s3(options.get("s3_endpoint"))
-    cpus = _assigned_cpus()
-    if cpus:
-        torch.set_num_threads(cpus)
+    use_assigned_cpus()
     device = default_device()
     run = load_run(model_uri, device)
     thresholds = resolve_thresholds(run.thresholds, options["threshold"], options["pixel_threshold"])
@@ -60,15 +57,6 @@ def predict_shard(model_uri: str, items: list[InputImage], out: str, options: di
     )
 
 
-def _assigned_cpus() -> int:
-    try:
-        import ray
-
-        return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    except Exception:
-        return 0
-
-
 def shards(items: list[InputImage], count: int) -> list[list[InputImage]]:
     """``count`` contiguous, nearly equal shards (none empty), in input order."""
     count = max(1, min(count, len(items)))
@@ -89,7 +77,7 @@ def run_predict_on_ray(source: str, run_uri: str, out: str, *, address: str | No
                        on_progress: Callable[[int, int], None] | None = None,
                        on_skip: Callable[[str, str], None] | None = None,
                        on_warning: Callable[[str], None] | None = None) -> PredictReport:
-    from agpctl.cluster import address_kind, ray_session
+    from agpctl.cluster import address_kind, local_cpu_share, ray_session
     from agpctl.progress import make_channel
 
     if workers < 1:
@@ -114,7 +102,7 @@ def run_predict_on_ray(source: str, run_uri: str, out: str, *, address: str | No
     with ray_session(address) as ray:
         resources = ray.cluster_resources()
         gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
-        cpus = 1.0 if remote else float(max(1, int(resources.get("CPU", 1) // max(1, len(parts)))))
+        cpus = 1.0 if remote else local_cpu_share(resources.get("CPU", 1), len(parts))
         channel = make_channel()
         task = ray.remote(predict_shard).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
         refs = [task.remote(model_uri, part, out, options, channel, i) for i, part in enumerate(parts)]
@@ -162,10 +150,9 @@ def _drain(channel) -> list[tuple]:
 
 
 def _user_line(exc: BaseException) -> str:
-    text = str(exc)
-    for marker in ("UserError:", "DataError:", "BackboneError:"):
-        if marker in text:
-            return text.split(marker, 1)[1].strip().splitlines()[0]
-    lines = [line for line in text.strip().splitlines() if line.strip()]
+    known = user_error_from_remote(exc)
+    if known is not None:
+        return str(known)
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1] if lines else exc.__class__.__name__
 

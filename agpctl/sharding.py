@@ -12,6 +12,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from agpctl.errors import UserError
+
 
 class ShardedBatchSampler(Sampler[list[int]]):
     """Batches of dataset indices for one worker.
@@ -30,7 +32,7 @@ class ShardedBatchSampler(Sampler[list[int]]):
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         if size < world_size:
-            raise ValueError(f"{size} training image(s) cannot feed {world_size} workers: use at most {size} workers")
+            raise UserError(f"{size} training image(s) cannot feed {world_size} workers: lower --workers to {max(1, size)}")
         self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.epoch = 0

@@ -27,7 +27,7 @@ from agpctl.engine import (
     predict_dataset,
     seed_everything,
 )
-from agpctl.errors import UserError
+from agpctl.errors import UserError, user_error_from_remote
 from agpctl.progress import ProgressSender
 from agpctl.sharding import ShardedBatchSampler
 
@@ -36,19 +36,17 @@ from agpctl.sharding import ShardedBatchSampler
 # inside each Ray Train worker
 # ---------------------------------------------------------------------------------------
 def worker_loop(config: dict[str, Any]) -> None:
-    import ray
     import ray.train
     import ray.train.torch
+
+    from agpctl.cluster import use_assigned_cpus
 
     context = ray.train.get_context()
     ctx = WorkerContext(
         rank=context.get_world_rank(), world_size=context.get_world_size(), device=ray.train.torch.get_device()
     )
     run = RunSpec.from_config(config)
-    # Intra-op threads follow the CPUs Ray reserved for this worker (Ray's default is 1).
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    if cpus:
-        torch.set_num_threads(max(1, int(cpus)))
+    use_assigned_cpus()
     progress = ProgressSender(config.get("progress"), enabled=ctx.is_main)
     payload = _latest_payload(ray.train.get_checkpoint(), run.run_uri)
 
@@ -135,9 +133,6 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         train_set = TrainingView(train_set, model.batch_extras, synthesis=synthesis, seed=cfg.train.seed)
     # The shuffle order and loader seeds depend on (seed, epoch) only, so a resumed run
     # sees exactly the batches an uninterrupted one would.
-    if len(train_set) < ctx.world_size:
-        raise UserError(f"{len(train_set)} training image(s) cannot feed {ctx.world_size} workers: "
-                        f"lower --workers to {max(1, len(train_set))}")
     batch_size = min(cfg.train.batch_size, max(1, len(train_set) // ctx.world_size))
     sampler = ShardedBatchSampler(len(train_set), batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                   seed=cfg.train.seed)
@@ -429,11 +424,14 @@ def resolve_cpus_per_worker(cfg: RunConfig, cluster_cpus: float, concurrent_runs
         return cfg.cluster.cpus_per_worker
     if cfg.cluster.address:
         return 1.0
-    return float(max(1, int(cluster_cpus // max(1, cfg.cluster.workers * concurrent_runs))))
+    from agpctl.cluster import local_cpu_share
+
+    return local_cpu_share(cluster_cpus, cfg.cluster.workers * concurrent_runs)
 
 
 def _worker_resources(cfg: RunConfig) -> dict[str, float]:
-    resources = {"CPU": cfg.cluster.cpus_per_worker if cfg.cluster.cpus_per_worker is not None else 1.0}
+    assert cfg.cluster.cpus_per_worker is not None, "resolve_cpus_per_worker() first"
+    resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.gpus_per_worker > 0:
         resources["GPU"] = cfg.cluster.gpus_per_worker
     return resources
@@ -447,12 +445,7 @@ def _worker_env(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _training_error(exc: BaseException) -> BaseException:
-    text = str(exc)
-    for marker in ("DataError:", "UserError:", "BackboneError:"):
-        if marker in text:
-            line = text.split(marker, 1)[1].strip().splitlines()[0]
-            return UserError(line)
-    return exc
+    return user_error_from_remote(exc) or exc
 
 
 def _validate(cfg: RunConfig) -> None:

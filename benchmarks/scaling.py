@@ -83,9 +83,9 @@ def run_once(workers: int, args: argparse.Namespace, out: str) -> Timing:
         "storage.out": out,
         "storage.name": f"scaling-{workers}w",
     })
-    with _EventClock() as clock:
+    with _EventClock() as clock, open(os.devnull, "w") as sink:
         started = time.perf_counter()
-        launch_training(cfg, console=Console(file=open(os.devnull, "w")), quiet=False)
+        launch_training(cfg, console=Console(file=sink), quiet=False)
         wall = time.perf_counter() - started
     first, start_info = next((t, e[1]) for t, e in clock.events if e[0] == "start")
     epochs = [e for _, e in clock.events if e[0] == "epoch_end"]

@@ -161,20 +161,23 @@ def bench_agpnet(args: argparse.Namespace, device: torch.device) -> list[Row]:
         backbone=BackboneConfig(name="vit_small_patch16_224.dino", pretrained="no"),
         feature_cache=args.feature_cache,
     )
-    backbone = build_backbone(cfg.backbone, cfg.layers, cfg.image_size)
-    model = AGPNet(cfg, backbone).to(device)
+    return _bench_on_fixed_images("agpnet", AGPNet, cfg, args, device)
+
+
+def _bench_on_fixed_images(name: str, model_class, cfg, args: argparse.Namespace, device: torch.device) -> list[Row]:
+    """Methods whose batch is just images. One fixed batch: from the second step on the clean
+    features come from the cache, as in every epoch after the first."""
+    model = model_class(cfg, build_backbone(cfg.backbone, cfg.layers, cfg.image_size)).to(device)
     generator = torch.Generator(device="cpu").manual_seed(0)
-    # One fixed batch of "training images": from the second step on the clean branch hits the
-    # feature cache, as every step after the first epoch does.
     images = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=generator).to(device)
     index = torch.arange(args.batch)
 
     def make_batch(step: int) -> dict:
         return {"image": images, "index": index}
 
-    trainable = sum(p.numel() for p in model.decoder.parameters())
-    print(f"agpnet: decoder {trainable / 1e6:.2f} M trainable parameters, feature_cache={cfg.feature_cache}")
-    return measure("agpnet", model, make_batch, device, args.precision, args.batch, args.warmup, args.steps)
+    trainable = sum(p.numel() for p in model.trainable_parameters())
+    print(f"{name}: {trainable / 1e6:.2f} M trainable parameters, feature_cache={cfg.feature_cache}")
+    return measure(name, model, make_batch, device, args.precision, args.batch, args.warmup, args.steps)
 
 
 def bench_onenip(args: argparse.Namespace, device: torch.device) -> list[Row]:
@@ -214,18 +217,7 @@ def bench_rlr(args: argparse.Namespace, device: torch.device) -> list[Row]:
     from agp_models.rlr import RLR, RLRConfig
 
     cfg = RLRConfig(backbone=BackboneConfig(name="tf_efficientnet_b6", pretrained="no"), feature_cache=args.feature_cache)
-    backbone = build_backbone(cfg.backbone, cfg.layers, cfg.image_size)
-    model = RLR(cfg, backbone).to(device)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=generator).to(device)
-    index = torch.arange(args.batch)
-
-    def make_batch(step: int) -> dict:
-        return {"image": images, "index": index}
-
-    trainable = sum(p.numel() for p in model.trainable_parameters())
-    print(f"rlr: {trainable / 1e6:.2f} M trainable parameters, feature_cache={cfg.feature_cache}")
-    return measure("rlr", model, make_batch, device, args.precision, args.batch, args.warmup, args.steps)
+    return _bench_on_fixed_images("rlr", RLR, cfg, args, device)
 
 
 METHODS: dict[str, Callable[[argparse.Namespace, torch.device], list[Row]]] = {

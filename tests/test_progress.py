@@ -20,7 +20,7 @@ def test_plain_lines_when_output_is_not_a_terminal():
     view = ProgressView(Console(file=io.StringIO(), force_terminal=False, width=200), plain_interval=0.0)
     out = _render_all(view, [
         ("start", {"steps_per_epoch": 10, "epochs": 2, "train_images": 80, "backbone": {"name": "r18"}}),
-        ("step", 0, 4, {"loss": 0.5}.get("loss")),
+        ("step", 0, 4, 0.5),
         ("eval_step", 8, 8),
     ])
     assert "epoch 1/2 · step 4/10 · loss 0.5000" in out

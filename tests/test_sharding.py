@@ -4,6 +4,7 @@ from collections import Counter
 
 import pytest
 
+from agpctl.errors import UserError
 from agpctl.sharding import ShardedBatchSampler
 
 
@@ -45,5 +46,5 @@ def test_order_depends_on_seed_and_epoch_only():
 
 
 def test_fewer_images_than_workers_is_refused():
-    with pytest.raises(ValueError, match="cannot feed 3 workers"):
+    with pytest.raises(UserError, match="cannot feed 3 workers: lower --workers to 2"):
         ShardedBatchSampler(2, 4, rank=0, world_size=3)

@@ -191,7 +191,7 @@ def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepS
 
     from agpctl.cluster import address_kind, use_token_if_available
 
-    if cfg is not None and address_kind(cfg.cluster.address) != "local":
+    if cfg is not None and address_kind(cfg.cluster.address) != "local":  # tune_cli always passes cfg, resume too
         use_token_if_available()  # before anything imports Ray (grid domains do): Ray reads its auth mode once
     started = time.perf_counter()
     warnings_seen: list[str] = []
@@ -235,8 +235,7 @@ def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepS
     storage.configure_s3(cfg.storage.s3_endpoint)
     if settings.objective == "test":
         warnings_seen.append(TEST_OBJECTIVE_WARNING)
-    view = SweepView(console, space, quiet=quiet, objective=settings.objective)
-    view.sweep_uri = sweep_uri
+    view = SweepView(console, space, sweep_uri, quiet=quiet, objective=settings.objective)
     for note in warnings_seen:
         view.warning(note)
     view.message(f"sweep [cyan]{sweep_uri}[/]: {cfg.method} on {cfg.data.dataset}, "
@@ -306,11 +305,9 @@ def _sweep_ray(address: str | None):
     and the stopped trial's CPUs are never released. So the embedded instance gets a
     known dashboard port and every worker is told it. Remote clusters are left alone.
     """
-    from agpctl.cluster import address_kind, use_token_if_available
-
-    if address_kind(address) != "local":
-        use_token_if_available()  # before Ray is imported: Ray reads its auth mode once
     import ray
+
+    from agpctl.cluster import address_kind
 
     if address_kind(address) != "local" or ray.is_initialized():
         yield
@@ -375,6 +372,11 @@ def trial_status(error: bool, final: bool, early_stopped: bool, epochs_done: int
     return "interrupted" if epochs_done > 0 else "not started"
 
 
+def unfinished_trials(trials: list[dict[str, Any]]) -> list[str]:
+    """Trials that ``--resume`` would continue."""
+    return [t["trial"] for t in trials if t["status"] in ("interrupted", "not started")]
+
+
 def collect_trials(grid, space: SearchSpace, runs_uri: str, early_stopped: set[str] | None = None
                    ) -> list[dict[str, Any]]:
     """One row per trial: parameters, status, epochs, last validation metrics."""
@@ -431,7 +433,7 @@ def summarise(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep
     best = pick_best(trials)
     if best is None:
         errors = [t.get("error") for t in trials if t.get("error")]
-        if any(t["status"] in ("interrupted", "not started") for t in trials) and not errors:
+        if unfinished_trials(trials) and not errors:
             raise UserError(f"the sweep was interrupted before any trial reported {METRIC}; "
                             f"continue it with: agpctl tune --resume {sweep_uri}")
         if errors:
@@ -463,7 +465,7 @@ def summarise(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep
         "test_metrics": "of the best trial only; never used for selection" if settings.objective != "test"
                         else "of the best trial only; ALSO used for selection (--objective test)",
         "warnings": warnings_seen,
-        "unfinished": [t["trial"] for t in trials if t["status"] in ("interrupted", "not started")],
+        "unfinished": unfinished_trials(trials),
         "settings": asdict(settings),
         "space": _space_raw(space),
         "epochs": cfg.train.epochs,
@@ -522,15 +524,16 @@ def _trial_id_from_path(path: str | None) -> str | None:
 class SweepView:
     """A live rich table of trials while the sweep runs, the sorted table at the end."""
 
-    def __init__(self, console, space: SearchSpace, quiet: bool = False, objective: str = "synthetic-val") -> None:
+    def __init__(self, console, space: SearchSpace, sweep_uri: str, quiet: bool = False,
+                 objective: str = "synthetic-val") -> None:
         from agpctl.console import console as default_console
 
         self.console = console or default_console
         self.space = space
+        self.sweep_uri = sweep_uri
         self.quiet = quiet
         self.objective = objective
         self.rows: dict[str, dict[str, Any]] = {}
-        self.sweep_uri: str | None = None
         self._live = None
 
     def message(self, text: str) -> None:
@@ -612,7 +615,7 @@ class SweepView:
             from agpctl.report import metrics_table
 
             self.console.print(metrics_table({"mean": best["test"]}, title="test split · best trial only"))
-        unfinished = [t["trial"] for t in outcome.trials if t["status"] in ("interrupted", "not started")]
+        unfinished = unfinished_trials(outcome.trials)
         if unfinished:
             self.console.print(f"[yellow]{len(unfinished)} trial(s) interrupted or not started;[/] continue the sweep "
                                f"with: agpctl tune --resume {outcome.sweep_uri}")
@@ -647,7 +650,7 @@ def _live_trials_callback(view: SweepView):
                 from tuning.schedulers import read_early_stopped
 
                 row = self.view.rows.get(trial.trial_id, {})
-                early = trial.trial_id in read_early_stopped(self.view.sweep_uri) if self.view.sweep_uri else True
+                early = trial.trial_id in read_early_stopped(self.view.sweep_uri)
                 self.view.update(trial, status=trial_status(False, bool(row.get("final")), early, 1))
 
         def on_trial_error(self, iteration, trials, trial, **info):
