@@ -513,12 +513,41 @@ def _write_dataset(
     return manifest
 
 
-def _is_generated(directory: str) -> bool:
+def _read_manifest(directory: str) -> dict | None:
     try:
         with open(os.path.join(directory, MANIFEST), encoding="utf-8") as f:
-            return json.load(f).get("generator") == "agp_data.generate"
-    except (OSError, ValueError, AttributeError):
-        return False
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or manifest.get("generator") != "agp_data.generate":
+        return None
+    return manifest
+
+
+def _is_generated(directory: str) -> bool:
+    return _read_manifest(directory) is not None
+
+
+def _generated_files(manifest: dict) -> set[str]:
+    """Relative paths of every file a generation with this manifest wrote (from its counts)."""
+    files = {MANIFEST}
+    counts = manifest.get("counts")
+    for category, groups in (counts if isinstance(counts, dict) else {}).items():
+        for group, count in (groups if isinstance(groups, dict) else {}).items():
+            split, _, kind = str(group).partition("/")
+            for number in range(int(count) if isinstance(count, int) else 0):
+                files.add(f"{category}/{split}/{kind}/{number:03d}.png")
+                if split == "test" and kind != "good":
+                    files.add(f"{category}/ground_truth/{kind}/{number:03d}_mask.png")
+    return files
+
+
+def _foreign_files(directory: str, manifest: dict) -> list[str]:
+    """Files under ``directory`` that the generation recorded in ``manifest`` did not write."""
+    skipped: list[tuple[str, str]] = []
+    present = storage.list_files(directory, skipped=skipped) + [path for path, _ in skipped]
+    expected = _generated_files(manifest)
+    return sorted(p for p in present if os.path.relpath(p, directory).replace(os.sep, "/") not in expected)
 
 
 def generate_dataset(
@@ -536,8 +565,9 @@ def generate_dataset(
     ``categories``: the first N of :data:`CATEGORIES`, or their names. Per category: ``train``
     normal training images, ``test`` test images (the first half good, the rest cycling through
     :data:`DEFECT_TYPES`), masks in ``ground_truth/<defect>/<nnn>_mask.png``, plus a
-    ``dataset.json`` manifest. A previous generated dataset at ``out`` is replaced as a whole; any
-    other non-empty directory is refused. Returns ``out`` (absolute for local paths).
+    ``dataset.json`` manifest. A previous generated dataset at ``out`` is replaced as a whole,
+    unless it holds files the generator did not write (then, like any other non-empty
+    directory, it is refused and nothing is touched). Returns ``out`` (absolute for local paths).
     """
     names = _category_names(categories)
     train, test, size, seed = int(train), int(test), int(size), int(seed)
@@ -546,33 +576,57 @@ def generate_dataset(
     if storage.is_s3(out):
         storage.split_s3(out)
         with tempfile.TemporaryDirectory(prefix="agp-generate-") as scratch:
-            _write_dataset(scratch, names, train, test, size, seed, progress)
+            try:
+                _write_dataset(scratch, names, train, test, size, seed, progress)
+            except OSError as exc:
+                raise storage.local_write_error(scratch, exc, folder=scratch) from exc
             storage.upload_dir(scratch, out)
         return out.rstrip("/")
 
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out} is a file: give a directory")
+    storage.check_writable_dir(out)  # a read-only disk or a file in the way: fail before rendering
     replacing = os.path.isdir(out) and bool(os.listdir(out))
-    if replacing and not _is_generated(out):
+    manifest = _read_manifest(out) if replacing else None
+    if replacing and manifest is None:
         raise DataError(
             f"--out {out} is not empty and not a generated dataset: choose an empty or new directory"
         )
+    if manifest is not None:
+        # Replacing the folder as a whole would delete what the user added to it.
+        foreign = _foreign_files(out, manifest)
+        if foreign:
+            shown = ", ".join(os.path.relpath(p, out) for p in foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise DataError(
+                f"--out {out} holds a generated dataset plus {len(foreign)} file(s) agp did not "
+                f"generate ({shown}{more}): pass another --out or move those files away"
+            )
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    storage.make_dirs(parent)
+    try:
+        scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    except OSError as exc:
+        raise storage.local_write_error(out, exc, folder=parent) from exc
     try:
         _write_dataset(scratch, names, train, test, size, seed, progress)
         os.chmod(scratch, storage.DIR_MODE)  # mkdtemp makes it 0700
         if os.path.isdir(out):
             retired = os.path.join(parent, f".{os.path.basename(out)}.old-{uuid.uuid4().hex[:8]}")
             os.rename(out, retired)
-            os.rename(scratch, out)
+            try:
+                os.rename(scratch, out)
+            except BaseException:
+                os.rename(retired, out)  # the previous dataset back rather than none at all
+                raise
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.rename(scratch, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(scratch, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, DataError):
+            raise storage.local_write_error(out, exc, folder=out) from exc
         raise
     return out
 

@@ -126,6 +126,16 @@ def read_mask(
     return np.ascontiguousarray(mask, dtype=bool)
 
 
+def decoded_size(path_or_uri: str, cache_dir: str | None = None, what: str = "image") -> tuple[int, int]:
+    """(width, height) like :func:`image_size`, but after decoding every pixel: a truncated or
+    corrupt file, whose header alone looks fine, raises DataError. ``what`` names the file in
+    that message ("image", "mask")."""
+    image = _open(str(path_or_uri), what, cache_dir)
+    size = image.size
+    image.close()
+    return size
+
+
 def image_size(path_or_uri: str, header_bytes: int = 1 << 16) -> tuple[int, int]:
     """(width, height) from the file header only, honouring EXIF rotation; DataError if unreadable.
 

@@ -1,8 +1,9 @@
 """Dataset health check: what a layout parser finds under a root, and what looks wrong.
 
-Counts come from the layout parser; image sizes come from file headers only (no decoding). For
-local roots every image and mask header is read; for ``s3://`` roots a few images per category
-(evenly spread) are, with one ranged GET each.
+Counts come from the layout parser. Images and masks are decoded in full (a truncated file has a
+header that looks fine), in a thread pool: for local roots every one, for ``s3://`` roots a few
+per category (evenly spread). Mask problems are those of :mod:`agp_data.integrity`, which
+training and evaluation check too.
 """
 
 from __future__ import annotations
@@ -11,20 +12,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from agp_data import storage
-from agp_data.errors import DataError
-from agp_data.images import image_size
+from agp_data.images import decoded_size
+from agp_data.integrity import MISSING_MASK, Problem, lacks_mask, measure_samples
 from agp_data.layouts import FolderLayout, LayoutScan, _relative, scan_layout, select_categories
 from agp_data.samples import Sample
 
-S3_HEADERS_PER_CATEGORY = 16
+S3_IMAGES_PER_CATEGORY = 16  # images decoded per category of an s3:// root
 MAX_SIZES_LISTED = 10
-
-
-@dataclass
-class Problem:
-    kind: str  # empty_category | empty_split | missing_mask | orphan_mask | missing_file | unreadable | size_mismatch
-    path: str
-    detail: str
 
 
 @dataclass
@@ -42,7 +36,7 @@ class CategoryReport:
     distinct_sizes: int = 0
     min_size: str | None = None
     max_size: str | None = None
-    sizes_checked: int = 0  # images whose header was read
+    sizes_checked: int = 0  # images that were decoded
 
     @property
     def total(self) -> int:
@@ -92,33 +86,15 @@ def _category_of(scan: LayoutScan, path: str) -> str:
     return _relative(scan.root, path).split("/")[0]
 
 
-def _check_headers(
+def _check_files(
     samples: list[Sample], report: CategoryReport, problems: list[Problem], remote: bool
 ) -> None:
     sizes: Counter[str] = Counter()
-    checked = _evenly_spaced(samples, S3_HEADERS_PER_CATEGORY) if remote else samples
-    for sample in checked:
-        try:
-            width, height = image_size(sample.image)
-        except DataError as exc:
-            problems.append(Problem("unreadable", sample.image, str(exc)))
-            continue
-        sizes[f"{width}x{height}"] += 1
-        if sample.mask is None:
-            continue
-        try:
-            mask_size = image_size(sample.mask)
-        except DataError as exc:
-            problems.append(Problem("unreadable", sample.mask, str(exc)))
-            continue
-        if mask_size != (width, height):
-            problems.append(
-                Problem(
-                    "size_mismatch",
-                    sample.mask,
-                    f"mask is {mask_size[0]}x{mask_size[1]}, image {sample.image} is {width}x{height}",
-                )
-            )
+    checked = _evenly_spaced(samples, S3_IMAGES_PER_CATEGORY) if remote else samples
+    for size, found in measure_samples(checked, decoded_size):
+        problems.extend(found)
+        if size is not None:
+            sizes[f"{size[0]}x{size[1]}"] += 1
 
     def area(key: str) -> tuple[int, str]:
         width, height = (int(v) for v in key.split("x"))
@@ -160,17 +136,12 @@ def inspect_dataset(
             else:
                 report.test_defect += 1
                 defects[sample.defect] += 1
-                if sample.mask is not None:
+                if not lacks_mask(sample):
                     report.masks_found += 1
                 else:
                     report.masks_missing += 1
-                    problems.append(
-                        Problem(
-                            "missing_mask",
-                            sample.image,
-                            "defective image without a mask (scored as all-zero)",
-                        )
-                    )
+                    detail = "defective image without a mask (scored as all-zero)"
+                    problems.append(Problem(MISSING_MASK, sample.image, detail))
         report.defect_types = dict(sorted(defects.items()))
         category_path = (
             scan.root
@@ -184,7 +155,7 @@ def inspect_dataset(
                 problems.append(Problem("empty_split", category_path, "no normal training images"))
             if report.test_good + report.test_defect == 0:
                 problems.append(Problem("empty_split", category_path, "no test images"))
-            _check_headers(samples, report, problems, remote)
+            _check_files(samples, report, problems, remote)
         reports.append(report)
 
     wanted = set(selected)

@@ -6,22 +6,25 @@ credential chain (environment, shared profile, instance role); the endpoint is t
 natively. Credentials never pass through this module's messages.
 
 Storage failures a user can fix (no credentials, unreachable endpoint, missing bucket or key,
-malformed URI) become :class:`~agp_data.errors.DataError` with one line naming the URI and the fix.
+malformed URI, a local write refused by the operating system) become
+:class:`~agp_data.errors.DataError` with one line naming the URI and the fix.
+:func:`check_writable_dir` and :func:`check_writable_file` find the local ones before long work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from urllib.parse import urlparse
 
-from agp_data.errors import DataError
+from agp_data.errors import DataError, WriteDataError
 
 S3_SCHEME = "s3://"
 DEFAULT_CACHE_MAX_GB = 20.0
@@ -207,10 +210,17 @@ def _client_error(exc, uri: str, action: str) -> DataError:
 # --------------------------------------------------------------------------------------------
 # Queries
 # --------------------------------------------------------------------------------------------
-def list_files(uri: str | os.PathLike, recursive: bool = True) -> list[str]:
+def list_files(
+    uri: str | os.PathLike,
+    recursive: bool = True,
+    skipped: list[tuple[str, str]] | None = None,
+) -> list[str]:
     """Sorted full paths/URIs of the files under ``uri`` (files only; [] when nothing is there).
 
     A local file or S3 object given directly lists as itself. A missing S3 bucket raises DataError.
+    Local entries that cannot be read (symbolic-link loops, broken links, folders without
+    permission) are left out, never fatal; pass a list as ``skipped`` to get ``(path, reason)``
+    appended for each. Symbolic links to folders are not followed (they are reported there too).
     """
     uri = str(uri)
     if not is_s3(uri):
@@ -218,15 +228,7 @@ def list_files(uri: str | os.PathLike, recursive: bool = True) -> list[str]:
             return [uri]
         if not os.path.isdir(uri):
             return []
-        found: list[str] = []
-        if recursive:
-            for dirpath, dirnames, filenames in os.walk(uri):
-                dirnames.sort()
-                found.extend(os.path.join(dirpath, name) for name in filenames)
-        else:
-            with os.scandir(uri) as entries:
-                found = [entry.path for entry in entries if entry.is_file()]
-        return sorted(found)
+        return sorted(_local_files(uri, recursive, skipped if skipped is not None else []))
 
     bucket, key = split_s3(uri)
     client = _client()
@@ -246,6 +248,43 @@ def list_files(uri: str | os.PathLike, recursive: bool = True) -> list[str]:
             if _head(client, bucket, key) is not None:
                 found.append(_s3_uri(bucket, key))
     return sorted(found)
+
+
+def _local_files(root: str, recursive: bool, skipped: list[tuple[str, str]]) -> list[str]:
+    # scandir instead of os.walk: os.walk files a symlink loop or a broken link under "files"
+    # (its is_dir() swallows the error), and silently drops folders it cannot open.
+    found: list[str] = []
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            with os.scandir(directory) as listing:
+                entries = list(listing)
+        except OSError as exc:
+            skipped.append((directory, _reason(exc)))
+            continue
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if recursive:
+                        pending.append(entry.path)
+                elif entry.is_file():
+                    found.append(entry.path)
+                elif entry.is_symlink():
+                    if entry.is_dir():
+                        if recursive:
+                            skipped.append((entry.path, "symbolic link to a folder, not followed"))
+                    else:
+                        skipped.append((entry.path, "broken symbolic link (its target does not exist)"))
+                else:
+                    skipped.append((entry.path, "not a regular file"))
+            except OSError as exc:  # e.g. ELOOP from a link that points at itself
+                skipped.append((entry.path, _reason(exc)))
+    return found
+
+
+def _reason(exc: OSError) -> str:
+    return (exc.strerror or str(exc) or type(exc).__name__).rstrip(".")
 
 
 def _head(client, bucket: str, key: str) -> dict | None:
@@ -328,6 +367,61 @@ def size(uri: str | os.PathLike) -> int:
         return int(_client().head_object(Bucket=bucket, Key=key)["ContentLength"])
 
 
+def _etag_signature(etag, length) -> str:
+    return str(etag or "").strip('"') + f":{length}"
+
+
+# A folder with at most this many wanted objects gets one HEAD each; more get one listing.
+_HEADS_PER_FOLDER = 8
+
+
+def file_signatures(uris: Iterable[str | os.PathLike]) -> dict[str, str | None]:
+    """A cheap version stamp per file, to tell whether it changed since it was last seen.
+
+    Local: size and modification time (ns), one ``stat`` each. S3: ETag and size, from one
+    listing per folder (or a HEAD per object where a folder holds only a few of them). ``None``
+    for a file that does not exist or cannot be looked at.
+    """
+    signatures: dict[str, str | None] = {}
+    remote: dict[tuple[str, str], list[str]] = {}
+    for item in uris:
+        uri = str(item)
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            remote.setdefault((bucket, key.rpartition("/")[0]), []).append(uri)
+            continue
+        try:
+            st = os.stat(uri)
+        except (OSError, ValueError):
+            signatures[uri] = None
+            continue
+        signatures[uri] = f"{st.st_size}:{st.st_mtime_ns}"
+    for (bucket, folder), wanted in remote.items():
+        signatures.update(_s3_signatures(bucket, folder, wanted))
+    return signatures
+
+
+def _s3_signatures(bucket: str, folder: str, wanted: list[str]) -> dict[str, str | None]:
+    client = _client()
+    found: dict[str, str | None] = dict.fromkeys(wanted)
+    where = _s3_uri(bucket, folder)
+    with _s3_errors(where, "list"):
+        if len(wanted) <= _HEADS_PER_FOLDER:
+            for uri in wanted:
+                head = _head(client, bucket, split_s3(uri)[1])
+                if head is not None:
+                    found[uri] = _etag_signature(head.get("ETag"), head.get("ContentLength"))
+            return found
+        paginator = client.get_paginator("list_objects_v2")
+        prefix = f"{folder}/" if folder else ""
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            for obj in page.get("Contents", []):
+                uri = _s3_uri(bucket, obj["Key"])
+                if uri in found:
+                    found[uri] = _etag_signature(obj.get("ETag"), obj.get("Size"))
+    return found
+
+
 # --------------------------------------------------------------------------------------------
 # Reading and writing
 # --------------------------------------------------------------------------------------------
@@ -372,10 +466,21 @@ def read_text(uri: str | os.PathLike, encoding: str = "utf-8") -> str:
 
 
 def _atomic_local_write(path: str, write: Callable[[object], object]) -> None:
-    """Write via a temp file in the target directory + os.replace: readers never see half a file."""
+    """Write via a temp file in the target directory + os.replace: readers never see half a file.
+
+    Any OSError (read-only file system, disk full, a file where a folder should be ...) becomes
+    a :class:`WriteDataError` naming ``path``; the target keeps its old content and no temp file
+    is left.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        if os.path.isdir(path):  # known now: don't write all the bytes first and fail at the rename
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        os.makedirs(directory, exist_ok=True)
+        # The name is cut: mkstemp adds characters, and a name near the length limit must still work.
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)[:96]}.", suffix=".tmp")
+    except OSError as exc:
+        raise _write_error(path, exc, folder=directory) from exc
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -383,20 +488,73 @@ def _atomic_local_write(path: str, write: Callable[[object], object]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, DataError):
+            raise _write_error(path, exc, folder=directory) from exc
         raise
 
 
+def _file_in_the_way(folder: str) -> str | None:
+    """The first existing ancestor of ``folder`` (itself included) that is not a folder."""
+    chain = []
+    current = os.path.abspath(folder)
+    while True:
+        chain.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for candidate in reversed(chain):
+        if not os.path.lexists(candidate):
+            return None
+        if not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
+def local_write_error(
+    uri: str, exc: OSError, folder: str | None = None, action: str = "write"
+) -> WriteDataError:
+    """One line for a failed local write of ``uri`` (into ``folder``, by default its parent):
+    what is wrong and the fix. For code that writes local files itself, e.g. with PIL."""
+    if isinstance(exc, WriteDataError):
+        return exc
+    return _write_error(uri, exc, folder or os.path.dirname(os.path.abspath(uri)), action)
+
+
+def _write_error(uri: str, exc: OSError, folder: str, action: str = "write") -> WriteDataError:
+    """One line for a failed local write of ``uri`` into ``folder``: what is wrong and the fix."""
+    code = exc.errno
+    where = f"cannot {action} {uri}"
+    fix = "choose another location"
+    blocker = _file_in_the_way(folder) if code in (errno.ENOTDIR, errno.EEXIST, errno.ENOENT) else None
+    if code in (errno.EACCES, errno.EPERM):
+        message = f"permission denied writing {uri}: choose a writable location"
+    elif code == errno.EROFS:
+        message = f"{where}: the file system is read-only; {fix}"
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        message = f"{where}: {exc.strerror or 'No space left on device'}; free some space or {fix}"
+    elif blocker is not None:
+        message = f"{where}: {blocker} is a file, not a folder; {fix}"
+    elif code == errno.EISDIR:
+        message = f"{where}: it is a folder, not a file; name a file there or {fix}"
+    elif code == errno.ENAMETOOLONG:
+        message = f"{where}: the name is too long; choose a shorter path"
+    else:
+        message = f"{where}: {_reason(exc)}; {fix}"
+    return WriteDataError(message, code)
+
+
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` atomically: local temp file + rename, or a single S3 PUT."""
+    """Write ``data`` atomically: local temp file + rename, or a single S3 PUT.
+
+    Local write failures raise :class:`WriteDataError` (a DataError) naming ``uri`` and the fix.
+    """
     uri = str(uri)
     if not is_s3(uri):
-        try:
-            _atomic_local_write(uri, lambda f: f.write(data))
-        except PermissionError as exc:
-            raise DataError(f"permission denied writing {uri}: choose a writable location") from exc
+        _atomic_local_write(uri, lambda f: f.write(data))
         return
     bucket, key = split_s3(uri)
     if not key or key.endswith("/"):
@@ -409,15 +567,100 @@ def write_text(uri: str | os.PathLike, text: str, encoding: str = "utf-8") -> No
     write_bytes(uri, text.encode(encoding))
 
 
+def make_dirs(uri: str | os.PathLike) -> None:
+    """Create a local folder and its parents (nothing to do on S3, which has no folders).
+
+    Failures raise :class:`WriteDataError` naming ``uri`` and the fix.
+    """
+    uri = str(uri)
+    if is_s3(uri):
+        split_s3(uri)
+        return
+    try:
+        os.makedirs(uri, exist_ok=True)
+    except OSError as exc:
+        raise _write_error(uri, exc, folder=uri, action="create") from exc
+
+
+def check_writable_dir(uri: str | os.PathLike) -> None:
+    """Raise DataError unless ``uri`` is a folder that can be written into, or can be created.
+
+    For callers to run before long work starts, so that a bad ``--out`` fails in a second, not
+    at the end. Nothing is created: an existing folder gets a probe file made and removed at
+    once (permission bits do not tell, e.g. as root or on a read-only mount); a missing one is
+    probed at its nearest existing ancestor. ``s3://`` URIs are only parsed (no network call):
+    whether a bucket takes writes shows at the first write.
+    """
+    uri = str(uri)
+    if is_s3(uri):
+        split_s3(uri)
+        return
+    _check_local_target(uri, os.path.abspath(uri), action="write into")
+
+
+def check_writable_file(uri: str | os.PathLike) -> None:
+    """Raise DataError unless a file can be written at ``uri``: not an existing folder, and its
+    parent folder writable or creatable (see :func:`check_writable_dir`). ``s3://``: parsed only."""
+    uri = str(uri)
+    if is_s3(uri):
+        _, key = split_s3(uri)
+        if not key or key.endswith("/"):
+            raise DataError(f"cannot write to {uri}: it names a bucket or folder, not an object")
+        return
+    path = os.path.abspath(uri)
+    if os.path.isdir(path):
+        raise WriteDataError(
+            f"cannot write {uri}: it is a folder, not a file; name a file there or choose another location",
+            errno.EISDIR,
+        )
+    _check_local_target(uri, os.path.dirname(path), action="write", new_name=os.path.basename(path))
+
+
+def _check_local_target(uri: str, folder: str, action: str, new_name: str | None = None) -> None:
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        raise WriteDataError(
+            f"cannot {action} {uri}: {blocker} is a file, not a folder; choose another location",
+            errno.ENOTDIR,
+        )
+    existing, missing = folder, [new_name] if new_name else []
+    while not os.path.isdir(existing):
+        missing.append(os.path.basename(existing))
+        existing = os.path.dirname(existing)
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    for name in missing:
+        if len(os.fsencode(name)) > name_max:
+            raise WriteDataError(
+                f"cannot {action} {uri}: the name {name[:24]}… is longer than {name_max} bytes; "
+                "choose a shorter path",
+                errno.ENAMETOOLONG,
+            )
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".agp-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise _write_error(uri, exc, folder=folder, action=action) from exc
+
+
 def delete(uri: str | os.PathLike) -> None:
     """Delete a file or a whole directory/prefix; a missing path is not an error."""
     uri = str(uri)
     if not is_s3(uri):
-        if os.path.isdir(uri) and not os.path.islink(uri):
-            shutil.rmtree(uri)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(uri)
+        try:
+            if os.path.isdir(uri) and not os.path.islink(uri):
+                shutil.rmtree(uri)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(uri)
+        except OSError as exc:
+            raise WriteDataError(
+                f"cannot delete {uri}: {_reason(exc)}; remove it by hand or check the file system",
+                exc.errno,
+            ) from exc
         return
     bucket, key = split_s3(uri)
     if not key.strip("/"):
@@ -490,11 +733,16 @@ def local_copy(uri: str | os.PathLike, cache_dir: str | None = None) -> str:
     return path
 
 
-def forget_local_copies() -> None:
-    """Forget which S3 objects this process already fetched, so the next :func:`local_copy`
-    checks each object's ETag again (the cached files themselves stay)."""
+def forget_local_copies(uris: Iterable[str] | None = None) -> None:
+    """Forget which S3 objects (all, or those of ``uris``) this process already fetched, so the
+    next :func:`local_copy` checks their ETag again (the cached files themselves stay)."""
     with _cache_lock:
-        _local_copy_memo.clear()
+        if uris is None:
+            _local_copy_memo.clear()
+            return
+        wanted = {str(u) for u in uris}
+        for key in [k for k in _local_copy_memo if k[1] in wanted]:
+            del _local_copy_memo[key]
 
 
 def _copy_stream(body, f) -> None:

@@ -5,14 +5,30 @@
 - ``s3_bucket``: a fresh, empty bucket on that server for one test.
 - ``generated_dataset``: a tiny generated MVTec-layout dataset (2 categories, 8 train + 6 test
   per category, 64 px), written once per session.
+- ``agp_cache_dir``: an isolated ``$AGP_CACHE_DIR`` for one test.
+- ``one_torch_thread``: one intra-op torch thread for a module.
+
+Helpers shared by test modules live in ``tests/helpers.py``; ``import helpers`` works from
+every sub-folder because this file puts ``tests/`` on ``sys.path``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+# tests/ for ``import helpers``. The repository root too: pytest's "prepend" import mode puts
+# the test folders on sys.path, and tests/unit/ holds folders named like the packages
+# (agpctl/, tuning/ ...); with the real packages reachable on sys.path, Python always picks
+# them (a regular package wins over a same-named folder without __init__.py).
+for _path in (TESTS_DIR, REPO_ROOT):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 @pytest.fixture(scope="session")

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
+from helpers import TINY_AGPNET, agpctl
+
 pytestmark = pytest.mark.slow
-
-TINY_AGPNET = [
-    "--method", "agpnet", "--backbone", "resnet18", "--pretrained", "no", "--layers", "1,2", "--image-size", "64",
-    "--set", "model.decoder_width=64", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2",
-    "--set", "model.score_pool=4", "--loader-workers", "0", "--batch-size", "4",
-]
-
-
-def agpctl(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agpctl.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -6,28 +6,20 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 
+import helpers
 from agpctl.config import RunConfig
+from helpers import agpctl
 
 pytestmark = pytest.mark.slow
 
-TINY_AGPNET = [
-    "--method", "agpnet", "--backbone", "resnet18", "--pretrained", "no", "--layers", "1,2", "--image-size", "64",
-    "--set", "model.decoder_width=64", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2",
-    "--set", "model.score_pool=4", "--loader-workers", "0", "--batch-size", "4", "--val-fraction", "0.25",
-]
+TINY_AGPNET = [*helpers.TINY_AGPNET, "--val-fraction", "0.25"]
 SPACE = """\
 model.alpha_max: {type: uniform, low: 0.5, high: 2.0}
 model.lr: {type: loguniform, low: 1.0e-4, high: 1.0e-3}
 """
-
-
-def agpctl(*args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agpctl.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ import io
 import json
 import os
 import socket
-import subprocess
-import sys
 import tarfile
 import threading
 import zipfile
@@ -24,8 +22,9 @@ from agp_data.download import DatasetSource, download, download_source
 from agp_data.errors import DataError
 from agp_data.layouts import load_samples
 from agpctl.cli import cli
+from helpers import REPO_ROOT, agpctl
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.fspath(REPO_ROOT)
 
 
 def run(*args: str):
@@ -221,50 +220,12 @@ def test_generate_user_mistakes(tmp_path):
 def test_real_subprocess(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
     out = tmp_path / "sub"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agpctl.cli",
-            "data",
-            "generate",
-            "--out",
-            str(out),
-            "--categories",
-            "1",
-            "--train",
-            "2",
-            "--test",
-            "2",
-            "--size",
-            "32",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
-    )
+    done = agpctl("data", "generate", "--out", str(out), "--categories", "1", "--train", "2", "--test", "2",
+                  "--size", "32", cwd=REPO, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "wrote 4 images" in done.stdout and (out / "dataset.json").exists()
-    failed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agpctl.cli",
-            "data",
-            "inspect",
-            "--dataset",
-            "mvtec",
-            "--root",
-            str(tmp_path / "missing"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
-    )
+    failed = agpctl("data", "inspect", "--dataset", "mvtec", "--root", str(tmp_path / "missing"),
+                    cwd=REPO, env=env, timeout=120)
     assert failed.returncode == 2
     assert failed.stderr.strip().count("\n") == 0 and "Traceback" not in failed.stderr
     assert "does not exist" in failed.stderr

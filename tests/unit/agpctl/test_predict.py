@@ -1,9 +1,9 @@
 """``agpctl predict`` end to end on a tiny run trained in-process: real-world image quirks,
-thresholds, corrupt files, and S3 input/output on a real moto server."""
+thresholds, corrupt files, and S3 input/output on a real moto server. (Sharded predict on an
+embedded Ray: tests/integration/test_predict_ray.py.)"""
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -14,19 +14,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from agp_data import storage
-from agpctl import checkpoint as ckpt
+from agpctl import runs
 from agpctl.cli import cli
-from agpctl.predict import COLORMAP, colorize, discover_inputs, resolve_thresholds, run_predict
-from test_pipeline import run_in_process, tiny_config
-
-# (file name, (width, height)) of the readable inputs written by `image_folder`.
-READABLE = {
-    "color.png": (80, 60),
-    "gray.jpg": (50, 70),
-    "rgba.png": (64, 64),
-    "deep16.tif": (40, 30),
-    "sub/nested.bmp": (33, 47),
-}
+from agpctl.inference.predict import COLORMAP, colorize, discover_inputs, resolve_thresholds, run_predict
+from helpers import PREDICT_INPUTS as READABLE  # (file name, (width, height)) written by `image_folder`
+from helpers import read_csv, run_in_process, tiny_config, write_predict_inputs
 
 
 @pytest.fixture(scope="module")
@@ -38,25 +30,11 @@ def trained_run(generated_dataset, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(0)
-    (root / "sub").mkdir()
-    Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(root / "color.png")
-    Image.fromarray(rng.integers(0, 255, (70, 50), dtype=np.uint8), mode="L").save(root / "gray.jpg")
-    Image.fromarray(rng.integers(0, 255, (64, 64, 4), dtype=np.uint8), mode="RGBA").save(root / "rgba.png")
-    Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(root / "deep16.tif")
-    Image.fromarray(rng.integers(0, 255, (47, 33, 3), dtype=np.uint8)).save(root / "sub" / "nested.bmp")
-    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    (root / "notes.txt").write_text("not an image")
-    return str(root)
+    return write_predict_inputs(tmp_path_factory.mktemp("inputs"))
 
 
 def stored_thresholds(run_uri: str) -> dict:
-    return json.loads(storage.read_text(storage.join(run_uri, ckpt.THRESHOLDS_FILE)))
-
-
-def read_csv(uri: str) -> list[dict]:
-    return list(csv.DictReader(io.StringIO(storage.read_text(uri))))
+    return json.loads(storage.read_text(storage.join(run_uri, runs.THRESHOLDS_FILE)))
 
 
 def test_cli_predicts_a_folder_with_odd_images_and_skips_the_corrupt_one(trained_run, image_folder, tmp_path):
@@ -140,26 +118,6 @@ def test_colormap_runs_from_dark_blue_through_green_to_dark_red():
     assert picture[0, 2].tolist() == picture[0, 3].tolist() == [128, 0, 0]  # clipped above vmax
 
 
-@pytest.mark.slow
-def test_sharded_predict_on_ray_equals_local_predict(trained_run, image_folder, tmp_path):
-    """--workers 2 on the embedded Ray: two tasks score halves of the inputs; the gathered
-    tables list every image once, in input order, with the local scores."""
-    local = run_predict(image_folder, trained_run, str(tmp_path / "local"), recursive=True, write_images=False)
-    out = str(tmp_path / "sharded")
-    result = CliRunner().invoke(cli, ["predict", image_folder, "--run", trained_run, "--out", out, "--recursive",
-                                      "--workers", "2", "--json"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
-    assert summary["model"]["workers"] == 2
-    assert summary["summary"]["images"] == len(READABLE) and summary["summary"]["skipped"] == 1
-    rows = read_csv(os.path.join(out, "predictions.csv"))
-    assert [r["path"] for r in rows] == [r["path"] for r in local.rows]
-    np.testing.assert_allclose([float(r["score"]) for r in rows], [r["score"] for r in local.rows], rtol=1e-5)
-    for row in rows:  # each task wrote its own images' files
-        with Image.open(row["heatmap"]) as heat:
-            assert heat.size == (int(row["width"]), int(row["height"]))
-
-
 def test_workers_below_one_is_a_clear_error(trained_run, image_folder, tmp_path):
     result = CliRunner().invoke(cli, ["predict", image_folder, "--run", trained_run, "--out", str(tmp_path),
                                       "--workers", "0"])
@@ -167,7 +125,7 @@ def test_workers_below_one_is_a_clear_error(trained_run, image_folder, tmp_path)
 
 
 def test_shards_are_contiguous_and_cover_the_inputs():
-    from agpctl.predict_ray import shards
+    from agpctl.inference.predict_ray import shards
 
     items = list(range(7))
     assert shards(items, 3) == [[0, 1, 2], [3, 4], [5, 6]]

@@ -5,53 +5,16 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from agp_data import storage
 from agpctl import checkpoint as ckpt
+from agpctl import runs
 from agpctl.config import RunConfig
-from agpctl.engine import WorkerContext
-from agpctl.evaluate import evaluate_run
-from agpctl.progress import ProgressSender
-from agpctl.train import RunSpec, train_on_worker
-
-
-def tiny_config(root: str, epochs: int = 2, method: str = "agpnet") -> RunConfig:
-    cfg = RunConfig(method=method)
-    cfg = cfg.with_overrides({
-        "data.dataset": "mvtec", "data.root": root, "data.loader_workers": 0, "data.val_fraction": 0.25,
-        "train.epochs": epochs, "train.batch_size": 4, "train.eval_batch_size": 8, "train.seed": 3,
-        "model.backbone.name": "resnet18", "model.backbone.pretrained": "no", "model.layers": [1, 2],
-        "model.image_size": 64, "model.decoder_width": 64, "model.decoder_depth": 1, "model.decoder_heads": 2,
-        "model.score_pool": 4, "model.smoothing_sigma": 1.0,
-    })
-    return cfg
-
-
-class InProcessRun:
-    """Plays Ray Train's part: persists the checkpoints a worker reports."""
-
-    def __init__(self, run_uri: str):
-        self.run_uri = run_uri
-        self.reports: list[dict] = []
-        self.payloads: dict[int, dict] = {}
-
-    def report(self, metrics, payload, epoch):
-        self.reports.append(metrics)
-        if payload is not None:
-            data = ckpt.serialise(payload)  # now: state_dict() tensors keep changing with training
-            self.payloads[epoch] = ckpt.deserialise(data, "in-memory")
-            storage.write_bytes(storage.join(self.run_uri, ckpt.checkpoint_dir_name(epoch), ckpt.CHECKPOINT_FILE), data)
-
-
-def run_in_process(cfg: RunConfig, run_uri: str, resume_payload=None) -> InProcessRun:
-    storage.write_text(storage.join(run_uri, ckpt.CONFIG_FILE), cfg.to_yaml())
-    run = InProcessRun(run_uri)
-    train_on_worker(RunSpec(cfg, run_uri), WorkerContext(), lambda m: m, run.report, ProgressSender(None, False),
-                    resume_payload)
-    return run
+from agpctl.distributed import WorkerContext
+from agpctl.inference.evaluate import evaluate_run
+from helpers import run_in_process, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +26,18 @@ def finished_run(generated_dataset, tmp_path_factory):
 
 def test_run_directory_holds_config_checkpoints_thresholds_and_metrics(finished_run):
     cfg, run_uri, run = finished_run
-    assert [e for e, _ in ckpt.list_checkpoints(run_uri)] == [1, 2]
-    metrics = json.loads(storage.read_text(storage.join(run_uri, ckpt.METRICS_FILE)))
+    assert [e for e, _ in runs.list_checkpoints(run_uri)] == [1, 2]
+    metrics = json.loads(storage.read_text(storage.join(run_uri, runs.METRICS_FILE)))
     assert set(metrics["metrics"]) >= {"mean"}
     assert metrics["summary"]["backbone"]["pretrained"] is False
-    thresholds = json.loads(storage.read_text(storage.join(run_uri, ckpt.THRESHOLDS_FILE)))
+    thresholds = json.loads(storage.read_text(storage.join(run_uri, runs.THRESHOLDS_FILE)))
     assert thresholds["image"] is not None and thresholds["pixel"] >= thresholds["image"] - 1e-6
     assert [r["epoch"] for r in run.reports] == [1, 2, 2]  # two epochs, then the final evaluation
 
 
 def test_eval_reloads_the_run_and_reproduces_its_metrics(finished_run):
     _, run_uri, _ = finished_run
-    stored = json.loads(storage.read_text(storage.join(run_uri, ckpt.METRICS_FILE)))["metrics"]
+    stored = json.loads(storage.read_text(storage.join(run_uri, runs.METRICS_FILE)))["metrics"]
     table, _ = evaluate_run(run_uri)
     for category, row in stored.items():
         for name, value in row.items():
@@ -99,13 +62,14 @@ def test_half_written_checkpoint_is_skipped(finished_run, tmp_path):
     latest = storage.join(copy, ckpt.checkpoint_dir_name(2), ckpt.CHECKPOINT_FILE)
     data = storage.read_bytes(latest)
     storage.write_bytes(latest, data[: len(data) // 2])  # a crash mid-copy
-    loaded = ckpt.load_latest_checkpoint(copy)
+    loaded = runs.load_latest_checkpoint(copy)
     assert loaded.epoch == 1
 
 
 @pytest.mark.parametrize("clip", [0.0, 1e-3])
 def test_gradient_norm_is_clipped_when_configured(clip, one_torch_thread):
-    from agpctl.engine import Trainer, build_model
+    from agpctl.models import build_model
+    from agpctl.training.steps import Trainer
 
     cfg = RunConfig(method="agpnet").with_overrides({
         "model.backbone.name": "resnet18", "model.backbone.pretrained": "no", "model.layers": [1, 2],

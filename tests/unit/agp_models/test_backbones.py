@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +18,9 @@ from agp_models.backbones import (
     resolve_normalisation,
 )
 from agp_models.base import BackboneConfig
+from helpers import REPO_ROOT
 
-MOBILENET_FILE = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenetv2_100_imagenet.pt"
+MOBILENET_FILE = REPO_ROOT.parent / "shared" / "weights" / "mobilenetv2_100_imagenet.pt"
 TINY_VIT = dict(name="vit_tiny_patch16_224", pretrained="no", kwargs={"depth": 4})
 
 

@@ -3,7 +3,6 @@ maps and scores, with normalisation and inference state (OneNIP's prompt pool) i
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -12,11 +11,10 @@ import torch
 from click.testing import CliRunner
 
 from agpctl.cli import cli
-from agpctl.config import RunConfig
-from agpctl.engine import build_model
-from agpctl.evaluate import load_run
-from agpctl.export import export_model, run_exported, verification_images
-from test_pipeline import run_in_process, tiny_config
+from agpctl.inference.export import export_model, run_exported, verification_images
+from agpctl.models import build_model
+from agpctl.runs import load_run
+from helpers import run_in_process, tiny_config, tiny_run_config
 
 # Independent check in these tests (the exporter verifies with its own, looser bound).
 ATOL = 1e-4
@@ -91,21 +89,8 @@ def test_export_at_another_image_size_resizes_inside(trained_run, tmp_path):
     assert result.map_max_abs_diff <= result.tolerance
 
 
-def tiny_method_config(method: str) -> RunConfig:
-    common = {"model.backbone.name": "resnet18", "model.backbone.pretrained": "no", "model.image_size": 64,
-              "train.seed": 3}
-    if method == "onenip":
-        common.update({"model.layers": [1, 2], "model.feature_stride": 8, "model.width": 32, "model.heads": 2,
-                       "model.ffn": 64, "model.encoder_depth": 1, "model.decoder_depth": 1,
-                       "model.neighbourhood_size": 3, "model.refiner_channels": 16})
-    else:
-        common.update({"model.layers": [2, 3], "model.widths": [32, 32], "model.heads": 2, "model.num_blocks": 2,
-                       "model.smoothing_sigma": 2.0})
-    return RunConfig(method=method).with_overrides(common)
-
-
 def built_method(method: str):
-    model = build_model(tiny_method_config(method)).eval()
+    model = build_model(tiny_run_config(method)).eval()
     if method == "onenip":  # prompt pool (two categories) and score normalisation, as after training
         normal = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
         model.fit_inference_state([{"image": normal, "category": ["a", "a", "b", "b"]}])

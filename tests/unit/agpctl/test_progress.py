@@ -5,7 +5,7 @@ import io
 from rich.console import Console
 from rich.progress import Progress
 
-from agpctl.progress import ProgressView
+from agpctl.training.progress import ProgressView
 
 
 def _render_all(view, events):

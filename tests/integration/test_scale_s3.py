@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import boto3
 import pytest
 
 from agp_data import storage
-from test_train_ray import TINY_AGPNET
+from helpers import TINY_AGPNET, agpctl
 
 pytestmark = pytest.mark.slow
 
@@ -23,11 +21,8 @@ def test_two_workers_train_from_and_to_s3_and_eval_reproduces(s3_server, s3_buck
     storage.upload_dir(generated_dataset, data_uri)
     out = f"s3://{s3_bucket}/runs"
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_server}
-    train = subprocess.run(
-        [sys.executable, "-m", "agpctl.cli", "train", "--dataset", "mvtec", "--root", data_uri, "--out", out,
-         "--name", "ddp", "--workers", "2", "--epochs", "2", "--json", *TINY_AGPNET],
-        capture_output=True, text=True, timeout=500, env=env,
-    )
+    train = agpctl("train", "--dataset", "mvtec", "--root", data_uri, "--out", out, "--name", "ddp",
+                   "--workers", "2", "--epochs", "2", "--json", *TINY_AGPNET, timeout=500, env=env)
     assert train.returncode == 0, train.stderr[-3000:]
     outcome = json.loads(train.stdout)
     keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(
@@ -38,10 +33,7 @@ def test_two_workers_train_from_and_to_s3_and_eval_reproduces(s3_server, s3_buck
     summary = json.loads(storage.read_text(f"{out}/ddp/metrics.json"))["summary"]
     assert summary["workers"] == 2
 
-    evaluation = subprocess.run(
-        [sys.executable, "-m", "agpctl.cli", "eval", "--run", f"{out}/ddp", "--json"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    evaluation = agpctl("eval", "--run", f"{out}/ddp", "--json", timeout=300, env=env)
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     table = json.loads(evaluation.stdout)["metrics"]
     for category, row in outcome["metrics"].items():
@@ -51,11 +43,9 @@ def test_two_workers_train_from_and_to_s3_and_eval_reproduces(s3_server, s3_buck
 
     # The S3 run also serves predict, reading images from and writing results to S3.
     images = f"{data_uri}/fabric/test/good"
-    predicted = subprocess.run(
-        [sys.executable, "-m", "agpctl.cli", "predict", images, "--run", f"{out}/ddp", "--out",
-         f"s3://{s3_bucket}/predictions", "--threshold", "0.5", "--no-images", "--json"],  # tiny run: no held-out normals
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    predicted = agpctl("predict", images, "--run", f"{out}/ddp", "--out", f"s3://{s3_bucket}/predictions",
+                       "--threshold", "0.5", "--no-images", "--json",  # tiny run: no held-out normals
+                       timeout=300, env=env)
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert json.loads(predicted.stdout)["summary"]["images"] == len(storage.list_files(images))
     assert storage.exists(f"s3://{s3_bucket}/predictions/predictions.csv")

@@ -4,7 +4,7 @@ import pytest
 
 from agpctl.config import RunConfig
 from agpctl.errors import UserError
-from agpctl.run_options import RUN_FLAGS, config_from_options
+from agpctl.cli.run_flags import RUN_FLAGS, config_from_options
 
 
 def test_yaml_round_trip_is_lossless():

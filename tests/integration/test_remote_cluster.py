@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from test_train_ray import TINY_AGPNET
+from helpers import TINY_AGPNET, agpctl, run_in_process, tiny_config
 
 pytestmark = pytest.mark.slow
+CLUSTER_TIMEOUT = 420  # seconds for one agpctl command against the cluster
 
 
 def free_port() -> int:
@@ -71,13 +72,10 @@ def ray_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def agpctl(*args: str, timeout: int = 420) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agpctl.cli", *args], capture_output=True, text=True, timeout=timeout)
-
-
 def test_train_through_ray_client(ray_cluster, generated_dataset, tmp_path):
     proc = agpctl("train", "--address", ray_cluster["client"], "--dataset", "mvtec", "--root", generated_dataset,
-                  "--epochs", "1", "--out", str(tmp_path), "--name", "client", "--json", *TINY_AGPNET)
+                  "--epochs", "1", "--out", str(tmp_path), "--name", "client", "--json", *TINY_AGPNET,
+                  timeout=CLUSTER_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mean" in json.loads(proc.stdout)["metrics"]
     assert (tmp_path / "client" / "metrics.json").exists()
@@ -85,11 +83,11 @@ def test_train_through_ray_client(ray_cluster, generated_dataset, tmp_path):
 
 def test_train_through_ray_jobs_and_list_it(ray_cluster, generated_dataset, tmp_path):
     proc = agpctl("train", "--address", ray_cluster["jobs"], "--dataset", "mvtec", "--root", generated_dataset,
-                  "--epochs", "1", "--out", str(tmp_path), "--name", "job", *TINY_AGPNET)
+                  "--epochs", "1", "--out", str(tmp_path), "--name", "job", *TINY_AGPNET, timeout=CLUSTER_TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert "succeeded" in proc.stdout
     assert (tmp_path / "job" / "metrics.json").exists()
-    listing = agpctl("jobs", "list", "--address", ray_cluster["jobs"])
+    listing = agpctl("jobs", "list", "--address", ray_cluster["jobs"], timeout=CLUSTER_TIMEOUT)
     assert listing.returncode == 0 and "SUCCEEDED" in listing.stdout
 
 
@@ -103,8 +101,6 @@ def test_unreachable_cluster_is_one_clear_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(generated_dataset, tmp_path_factory) -> str:
-    from test_pipeline import run_in_process, tiny_config
-
     run_uri = str(tmp_path_factory.mktemp("cluster-predict") / "tiny")
     run_in_process(tiny_config(generated_dataset, epochs=1), run_uri)
     return run_uri
@@ -121,13 +117,14 @@ def test_predict_through_ray_client_and_ray_jobs(ray_cluster, tiny_run, generate
     """The same images scored locally, by 2 tasks on the cluster through Ray Client, and by a
     submitted Ray job (which itself uses 2 tasks) give the same scores."""
     images = os.path.join(generated_dataset, "fabric", "test")
-    local = agpctl("predict", images, "--run", tiny_run, "--out", str(tmp_path / "local"), "--recursive", "--no-images")
+    local = agpctl("predict", images, "--run", tiny_run, "--out", str(tmp_path / "local"), "--recursive", "--no-images",
+                   timeout=CLUSTER_TIMEOUT)
     assert local.returncode == 0, local.stderr[-3000:]
     expected = _scores(tmp_path / "local")
     assert len(expected) == 6
 
     client = agpctl("predict", images, "--run", tiny_run, "--out", str(tmp_path / "client"), "--recursive",
-                    "--address", ray_cluster["client"], "--workers", "2")
+                    "--address", ray_cluster["client"], "--workers", "2", timeout=CLUSTER_TIMEOUT)
     assert client.returncode == 0, client.stderr[-3000:]
     assert "cluster's machines must see these paths" in client.stderr + client.stdout  # local paths: warned
     got = _scores(tmp_path / "client")
@@ -136,7 +133,7 @@ def test_predict_through_ray_client_and_ray_jobs(ray_cluster, tiny_run, generate
     assert len(list((tmp_path / "client" / "heatmaps").rglob("*.png"))) == 6
 
     job = agpctl("predict", images, "--run", tiny_run, "--out", str(tmp_path / "job"), "--recursive",
-                 "--address", ray_cluster["jobs"], "--workers", "2", "--no-images")
+                 "--address", ray_cluster["jobs"], "--workers", "2", "--no-images", timeout=CLUSTER_TIMEOUT)
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
     assert "succeeded" in job.stdout
     got = _scores(tmp_path / "job")
@@ -150,7 +147,8 @@ def test_tune_through_ray_client(ray_cluster, generated_dataset, tmp_path):
     space.write_text("model.alpha_max: {type: choice, values: [0.5, 1.5]}\n")
     proc = agpctl("tune", "--address", ray_cluster["client"], "--dataset", "mvtec", "--root", generated_dataset,
                   "--epochs", "1", "--samples", "1", "--search", "random", "--scheduler", "fifo", "--space", str(space),
-                  "--val-fraction", "0.25", "--out", str(tmp_path), "--name", "sweep", "--json", *TINY_AGPNET)
+                  "--val-fraction", "0.25", "--out", str(tmp_path), "--name", "sweep", "--json", *TINY_AGPNET,
+                  timeout=CLUSTER_TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     outcome = json.loads(proc.stdout)
     [trial] = outcome["trials"]  # one trial is enough to prove the path; the local sweeps test the rest

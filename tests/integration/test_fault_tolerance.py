@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from test_train_ray import TINY_AGPNET
+from helpers import AGPCTL, TINY_AGPNET, agpctl
 
 pytestmark = pytest.mark.slow
 EPOCHS = 8  # ~2 s each: the kill lands mid-run with room to spare (polled every 50 ms)
@@ -54,7 +53,7 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(generated_dataset, 
     run_dir = faulty_run
     tmp_path = run_dir.parent
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agpctl.cli", "train", "--dataset", "mvtec", "--root", generated_dataset,
+        [*AGPCTL, "train", "--dataset", "mvtec", "--root", generated_dataset,
          "--epochs", str(EPOCHS), "--max-failures", "2", "--out", str(tmp_path), "--name", "faulty", *TINY_AGPNET],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -79,7 +78,7 @@ def test_killed_worker_restarts_from_checkpoint_and_finishes(generated_dataset, 
 def test_resume_continues_an_interrupted_run_to_the_same_epoch_count(generated_dataset, tmp_path):
     """Interrupt a run for real (SIGKILL the driver and every process it started), resume it."""
     run_dir = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "agpctl.cli", "train", "--dataset", "mvtec", "--root", generated_dataset,
+    command = [*AGPCTL, "train", "--dataset", "mvtec", "--root", generated_dataset,
                "--epochs", str(EPOCHS), "--out", str(tmp_path), "--name", "interrupted", *TINY_AGPNET]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -94,8 +93,7 @@ def test_resume_continues_an_interrupted_run_to_the_same_epoch_count(generated_d
     proc.wait(timeout=30)
     assert not (run_dir / "metrics.json").exists()
 
-    resumed = subprocess.run([sys.executable, "-m", "agpctl.cli", "train", "--resume", str(run_dir)],
-                             capture_output=True, text=True, timeout=400)
+    resumed = agpctl("train", "--resume", str(run_dir), timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "epoch 1/" not in resumed.stdout
     assert f"epoch {EPOCHS}/{EPOCHS}" in resumed.stdout

@@ -17,9 +17,9 @@ from agp_data.layouts import load_samples
 from agp_data.validation import SyntheticValidationSet
 from agpctl.cli import cli
 from agpctl.config import RunConfig
-from agpctl.engine import WorkerContext
-from agpctl.progress import ProgressSender
-from agpctl.train import RunSpec, train_on_worker
+from agpctl.distributed import WorkerContext
+from agpctl.training.progress import ProgressSender
+from agpctl.training.worker import RunSpec, train_on_worker
 from tuning.space import SpaceError, load_space, parse_space
 from tuning.sweep import pick_best, sort_trials, trial_config, trials_csv
 

@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from agpctl.errors import UserError
-from agpctl.sharding import ShardedBatchSampler
+from agpctl.training.sharding import ShardedBatchSampler
 
 
 def _epoch(size, batch, world, seed=0, epoch=0):
