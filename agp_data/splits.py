@@ -1,4 +1,4 @@
-"""Turns a DataConfig into train / validation / test datasets.
+"""Turns a run's DataConfig into train / validation / test datasets.
 
 Validation images are held out from the *normal training* images (never from the test
 split): they calibrate thresholds and drive checkpoint-free model selection in sweeps.
@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from agp_data.config import DataConfig
 from agp_data.dataset import AnomalyDataset
+from agp_data.errors import DataError
 from agp_data.fewshot import ExpandedDataset, select_shots
 from agp_data.generate import synthetic_root
 from agp_data.layouts import FolderLayout, load_samples
 from agp_data.samples import Sample
-from agpctl.config import DataConfig
-from agpctl.errors import UserError
 
 FEW_SHOT_EXPANSION = 32
 
@@ -38,7 +38,7 @@ def resolve_root(data: DataConfig) -> str:
     if data.dataset == "folder":
         return data.root or ""
     if not data.root:
-        raise UserError(f"--root is required for --dataset {data.dataset}: the folder or s3:// prefix holding it")
+        raise DataError(f"--root is required for --dataset {data.dataset}: the folder or s3:// prefix holding it")
     return data.root
 
 
@@ -46,7 +46,7 @@ def folder_layout(data: DataConfig) -> FolderLayout | None:
     if data.dataset != "folder":
         return None
     if not data.normal_dir:
-        raise UserError("--dataset folder needs --normal-dir (and usually --abnormal-dir and --mask-dir)")
+        raise DataError("--dataset folder needs --normal-dir (and usually --abnormal-dir and --mask-dir)")
     return FolderLayout(normal_dir=data.normal_dir, abnormal_dir=data.abnormal_dir, mask_dir=data.mask_dir)
 
 
@@ -56,9 +56,9 @@ def split_samples(data: DataConfig, seed: int) -> SampleSplits:
     train = [s for s in samples if s.split == "train" and s.label == 0]
     test = [s for s in samples if s.split == "test"]
     if not train:
-        raise UserError(f"no normal training images found under {root}; check --dataset/--root")
+        raise DataError(f"no normal training images found under {root}; check --dataset/--root")
     if not test:
-        raise UserError(f"no test images found under {root}; check --dataset/--root")
+        raise DataError(f"no test images found under {root}; check --dataset/--root")
     if data.shots:
         shots = select_shots(train, data.shots, seed)
         # k images cannot spare a held-out one: thresholds are calibrated on the shots themselves
@@ -72,7 +72,7 @@ def hold_out(train: list[Sample], fraction: float) -> tuple[list[Sample], list[S
     if fraction <= 0:
         return train, []
     if fraction >= 0.5:
-        raise UserError(f"val_fraction {fraction} is too large; use a value below 0.5")
+        raise DataError(f"val_fraction {fraction} is too large; use a value below 0.5")
     keep, val = [], []
     step = max(2, round(1 / fraction))
     by_category: dict[str, list[Sample]] = {}

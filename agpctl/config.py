@@ -10,40 +10,22 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from agp_data.config import DataConfig, SyntheticConfig
 from agp_models.base import MethodConfig
+from agp_models.registry import method_class, method_names
 from agpctl.errors import UserError
 
+__all__ = ["ClusterConfig", "DataConfig", "RunConfig", "StorageConfig", "SyntheticConfig", "TrainConfig",
+           "check_choices", "coerce_value", "method_config_class", "parse_value"]
 
-@dataclass(kw_only=True)
-class SyntheticConfig:
-    """Parameters of the built-in generated dataset (``--dataset synthetic``)."""
-
-    categories: int = 3
-    train: int = 40
-    test: int = 20
-    size: int = 128
-    seed: int = 0
-
-
-@dataclass(kw_only=True)
-class DataConfig:
-    dataset: str = "synthetic"  # synthetic | mvtec | visa | btad | mvtec3d | folder
-    root: str | None = None  # local dir or s3://bucket/prefix; synthetic: generated on first use
-    categories: list[str] | None = None  # None = all categories found
-    normal_dir: str | None = None  # folder layout only
-    abnormal_dir: str | None = None
-    mask_dir: str | None = None
-    per_category: bool = False  # one-class setting: one model per category
-    shots: int = 0  # few-shot: k normal images per category (0 = all)
-    val_fraction: float = 0.1  # normal training images held out for thresholds / validation
-    loader_workers: int = 1  # DataLoader processes per training worker
-    cache_dir: str | None = None  # local cache for s3:// images (default ~/.cache/agp)
-    texture_root: str | None = None  # DTD-style texture folder for pseudo-anomalies (else generated)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+Precision = Literal["fp32", "bf16"]
+# none | synthetic (held-out normals + pseudo anomalies on them) | test (the test split:
+# selecting on it leaks the test set; sweeps warn about it).
+ValidationMode = Literal["none", "synthetic", "test"]
 
 
 @dataclass(kw_only=True)
@@ -51,15 +33,13 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 8
     eval_batch_size: int = 16
-    precision: str = "fp32"  # fp32 | bf16
+    precision: Precision = "fp32"
     seed: int = 0
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     keep_checkpoints: int = 2
     threshold_quantile: float = 0.99  # auto threshold = this quantile of held-out normal scores
-    # Per-epoch validation, reported as val/i_auroc, val/p_auroc, val/pro, val/objective:
-    # none | synthetic (held-out normals + pseudo anomalies on them) | test (the test split:
-    # selecting on it leaks the test set; sweeps warn about it).
-    validation: str = "none"
+    # Per-epoch validation, reported as val/i_auroc, val/p_auroc, val/pro, val/objective.
+    validation: ValidationMode = "none"
 
 
 @dataclass(kw_only=True)
@@ -133,8 +113,6 @@ class RunConfig:
 
 
 def method_config_class(method: str) -> type[MethodConfig]:
-    from agp_models.registry import method_class, method_names
-
     if method not in method_names():
         raise UserError(f"unknown method {method!r}; choose one of: {', '.join(method_names())}")
     return method_class(method).config_class
@@ -177,11 +155,16 @@ def _build(cls, raw: Any, source: str, skip: set[str] = frozenset()):
     for name, value in raw.items():
         if name in skip:
             continue
-        kwargs[name] = _coerce(hints[name], value, f"{source}: {name}")
-    return cls(**kwargs)
+        kwargs[name] = coerce_value(hints[name], value, f"{source}: {name}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # a section's own checks (a method config's __post_init__)
+        raise UserError(f"{source}: {exc}") from None
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
+def coerce_value(hint: Any, value: Any, where: str) -> Any:
+    """``value`` as the type ``hint`` names (YAML and command-line text included); a value
+    outside a ``Literal``'s choices or of the wrong type is a :class:`UserError` naming ``where``."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -192,7 +175,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(arg, value, where)
+                return coerce_value(arg, value, where)
             except UserError as exc:
                 errors.append(str(exc))
         raise UserError(errors[0] if errors else f"{where}: invalid value {value!r}")
@@ -210,7 +193,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list, got {value!r}")
         inner = args[0] if args else Any
-        return [_coerce(inner, v, where) for v in value]
+        return [coerce_value(inner, v, where) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"{where}: expected a mapping, got {value!r}")
@@ -241,3 +224,20 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise UserError(f"{where}: expected text, got {value!r}")
         return str(value)
     return value
+
+
+def check_choices(section: Any, where: str = "") -> None:
+    """Every ``Literal`` field of ``section`` and its sub-sections holds one of its choices.
+
+    Building a config from YAML or flags already checks them; this catches values set on the
+    dataclasses directly (by code, or by a sweep's fixed settings)."""
+    hints = typing.get_type_hints(type(section))
+    for item in dataclasses.fields(section):
+        value = getattr(section, item.name)
+        hint = hints[item.name]
+        path = f"{where}.{item.name}" if where else item.name
+        if dataclasses.is_dataclass(value):
+            check_choices(value, path)
+        elif typing.get_origin(hint) is typing.Literal and value not in typing.get_args(hint):
+            choices = ", ".join(map(str, typing.get_args(hint)))
+            raise UserError(f"{path} {value!r}: use one of {choices}")

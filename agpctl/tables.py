@@ -1,4 +1,6 @@
-"""Rich tables of metrics: per category and the mean, in %, one decimal."""
+"""Rich tables of metrics: per category and the mean, in %, one decimal.
+
+Shared by every command that shows metrics (train, eval, tune)."""
 
 from __future__ import annotations
 

@@ -20,8 +20,8 @@ import torch
 from PIL import Image
 
 from agpctl.config import RunConfig
-from agpctl.engine import build_model, default_device
-from agpctl.predict import Thresholds, discover_inputs, predict_images
+from agpctl.models import build_model, default_device
+from agpctl.inference.predict import Thresholds, discover_inputs, predict_images
 
 
 def main() -> None:

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
-from agpctl import progress as progress_module  # noqa: E402
+from agpctl.training import progress as progress_module  # noqa: E402
 from agpctl.config import RunConfig  # noqa: E402
-from agpctl.train import launch_training  # noqa: E402
+from agpctl.training.launch import launch_training  # noqa: E402
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.yaml"
 

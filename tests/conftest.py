@@ -94,3 +94,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def trained_run(generated_dataset, tmp_path_factory) -> str:
+    """A tiny AGPNet run (1 epoch) on ``generated_dataset``, trained in this process once per
+    session. Tests read it and never change it."""
+    import helpers
+
+    run_uri = str(tmp_path_factory.mktemp("trained-runs") / "tiny")
+    helpers.run_in_process(helpers.tiny_config(generated_dataset, epochs=1), run_uri)
+    return run_uri
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> str:
+    """A folder of real-world image quirks for predict (see ``helpers.write_predict_inputs``)."""
+    import helpers
+
+    return helpers.write_predict_inputs(tmp_path_factory.mktemp("inputs"))

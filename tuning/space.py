@@ -16,11 +16,20 @@ Format (one entry per varied config field; anything not named stays as the run c
 ``group`` values must each be valid for their field. Grid search (``--search grid``) takes
 every ``choice``/``group`` value. Every mistake is rejected before Ray starts, with one line
 naming the file and the key.
+
+A *point* of a space is one trial's sampled values: a plain JSON mapping of dimension key to
+a number (``uniform``/``loguniform``: a float, ``randint``: an int, ``choice``/``group``: the
+index of the value). Sweeps draw their points up front (:meth:`SearchSpace.sample`,
+:meth:`SearchSpace.grid`), store them as JSON and check them again on resume
+(:meth:`SearchSpace.check_point`); :meth:`SearchSpace.overrides` turns a point into config
+overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 import os
 import types
 import typing
@@ -30,7 +39,7 @@ from typing import Any
 import yaml
 
 from agp_data import storage
-from agpctl.config import RunConfig, method_config_class
+from agpctl.config import RunConfig, coerce_value, method_config_class
 from agpctl.errors import UserError
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "group")
@@ -70,7 +79,7 @@ class SearchSpace:
 
     def tune_domains(self, search: str) -> dict[str, Any]:
         """Ray Tune domains keyed by dimension key (random search) or grid_search lists."""
-        from ray import tune
+        from ray import tune  # deferred: see agpctl.cluster
 
         domains: dict[str, Any] = {}
         for dim in self.dimensions:
@@ -89,6 +98,50 @@ class SearchSpace:
                 # Indices keep lists and mappings out of Tune's own variant resolution.
                 domains[dim.key] = tune.choice(list(range(len(dim.values))))
         return domains
+
+    def sample(self, rng) -> dict[str, Any]:
+        """One random-search point drawn with ``rng`` (a ``numpy.random.Generator``): one
+        draw per dimension, in the space's order, so a seed gives the same points."""
+        point: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if dim.kind == "uniform":
+                value = float(rng.uniform(dim.low, dim.high))
+            elif dim.kind == "loguniform":
+                value = math.exp(float(rng.uniform(math.log(dim.low), math.log(dim.high))))
+            elif dim.kind == "randint":
+                point[dim.key] = int(rng.integers(dim.low, dim.high))
+                continue
+            else:
+                point[dim.key] = int(rng.integers(len(dim.values)))
+                continue
+            point[dim.key] = min(max(value, float(dim.low)), float(dim.high))  # exp(log(x)) may round past x
+        return point
+
+    def grid(self) -> list[dict[str, int]]:
+        """Every grid-search point (choice / group indices), the first dimension slowest."""
+        for dim in self.dimensions:
+            if dim.kind not in ("choice", "group"):
+                raise SpaceError(f"{self.source}: {dim.key}: grid search needs choice values, not {dim.kind}; "
+                                 "use --search random or list the values with type: choice")
+        keys = [dim.key for dim in self.dimensions]
+        return [dict(zip(keys, combo)) for combo in itertools.product(*(range(len(d.values)) for d in self.dimensions))]
+
+    def check_point(self, point: Any, where: str) -> None:
+        """SpaceError unless ``point`` is one this space can give (a stored sweep's trial)."""
+        if not isinstance(point, dict):
+            raise SpaceError(f"{where}: expected a mapping of dimension keys to values, got {type(point).__name__}")
+        keys = [dim.key for dim in self.dimensions]
+        if sorted(point) != sorted(keys):
+            raise SpaceError(f"{where}: dimensions {sorted(point)} do not match the space's {sorted(keys)}")
+        for dim in self.dimensions:
+            value = point[dim.key]
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if dim.kind in ("choice", "group", "randint"):
+                low, high = (0, len(dim.values)) if dim.kind != "randint" else (dim.low, dim.high)
+                if not isinstance(value, int) or isinstance(value, bool) or not low <= value < high:
+                    raise SpaceError(f"{where}: {dim.key}: {value!r} is not an integer in [{low}, {high})")
+            elif not number or not math.isfinite(value) or not dim.low <= value <= dim.high:
+                raise SpaceError(f"{where}: {dim.key}: {value!r} is not a number in [{dim.low}, {dim.high}]")
 
     def overrides(self, sampled: dict[str, Any]) -> dict[str, Any]:
         """Dotted-path overrides of one trial from the values Tune sampled."""
@@ -235,14 +288,12 @@ def field_hint(path: str, method: str, where: str) -> Any:
 
 
 def _coerce_value(path: str, value: Any, method: str, where: str) -> Any:
-    from agpctl.config import _coerce
-
     hint = field_hint(path, method, where)
     scalar = _scalar_type(hint)
     if scalar in (int, float) and (isinstance(value, bool) or isinstance(value, str)):
         raise SpaceError(f"{where}: {value!r} is not a {scalar.__name__} ({path} is {_type_name(hint)})")
     try:
-        return _coerce(hint, value, where)
+        return coerce_value(hint, value, where)
     except UserError as exc:
         raise SpaceError(str(exc)) from None
 

@@ -1,26 +1,28 @@
-"""The ``agpctl`` command line: one click group; each sub-command lives in its own module."""
+"""The ``agpctl`` command line: one click group; each command group lives in its own module
+(``train`` + ``eval``, ``predict`` + ``export``, ``data``, ``tune``, ``jobs``; ``run_flags`` is
+the table of training flags shared by ``train`` and ``tune``)."""
 
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
 from agpctl import __version__
-from agpctl.console import console, print_error
-from agpctl.errors import user_error_types
+from agpctl.console import print_error
+from agpctl.console import print_warning
+from agpctl.errors import Interrupted, user_error_types
 
 
 # Sub-commands are imported only when used, so `agpctl data ...` does not load torch.
 LAZY_COMMANDS = {
-    "data": "agpctl.data_cli:data",
-    "train": "agpctl.train_cli:train",
-    "eval": "agpctl.train_cli:evaluate",
-    "jobs": "agpctl.jobs_cli:jobs",
-    "predict": "agpctl.predict_cli:predict",
-    "export": "agpctl.predict_cli:export",
-    "tune": "agpctl.tune_cli:tune",
+    "data": "agpctl.cli.data:data",
+    "train": "agpctl.cli.train:train",
+    "eval": "agpctl.cli.train:evaluate",
+    "jobs": "agpctl.cli.jobs:jobs",
+    "predict": "agpctl.cli.predict:predict",
+    "export": "agpctl.cli.predict:export",
+    "tune": "agpctl.cli.tune:tune",
 }
 
 
@@ -42,6 +44,9 @@ class AgpGroup(click.Group):
         except user_error_types() as exc:
             print_error(str(exc))
             ctx.exit(2)
+        except Interrupted as exc:
+            print_warning(str(exc))
+            ctx.exit(exc.exit_code)
 
 
 @click.group(cls=AgpGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,7 +57,3 @@ def cli() -> None:
 
 def main() -> None:
     cli(prog_name="agpctl")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,10 +6,14 @@ import json
 
 import click
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agp_data.download import SOURCES
-from agp_data.layouts import DATASETS
+from agp_data.download import SOURCES, download
+from agp_data.generate import CATEGORIES, timed_generate
+from agp_data.inspect import inspect_dataset
+from agp_data.layouts import DATASETS, FolderLayout
+from agp_data.storage import check_writable_dir, configure_s3
 from agpctl.console import console, print_warning
 from agpctl.errors import UserError
 
@@ -18,8 +22,6 @@ _MAX_PROBLEMS_SHOWN = 50
 
 def _apply_s3_endpoint(endpoint: str | None) -> None:
     if endpoint:
-        from agp_data.storage import configure_s3
-
         configure_s3(endpoint)
 
 
@@ -37,7 +39,12 @@ def data() -> None:
 
 
 @data.command("generate")
-@click.option("--out", required=True, metavar="DIR", help="Directory (or s3:// URI) to write the dataset to.")
+@click.option(
+    "--out",
+    required=True,
+    metavar="DIR",
+    help="Directory (or s3:// URI) to write the dataset to: new, empty, or one this command wrote before.",
+)
 @click.option("--categories", default=3, show_default=True, type=int, help="Number of categories (1-5).")
 @click.option("--train", default=40, show_default=True, type=int, help="Normal training images per category.")
 @click.option(
@@ -49,11 +56,13 @@ def data() -> None:
 def generate_command(
     out: str, categories: int, train: int, test: int, size: int, seed: int, s3_endpoint: str | None
 ) -> None:
-    """Write a procedurally generated MVTec-AD-layout dataset (textures and parts with defects)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Write a procedurally generated MVTec-AD-layout dataset (textures and parts with defects).
 
-    from agp_data.generate import CATEGORIES, timed_generate
-
+    A local dataset this command wrote to --out before is replaced as a whole. If that folder
+    also holds files it did not write (or is any other non-empty folder), the command refuses
+    and changes nothing: pass another --out or move those files away. On s3:// the files are
+    written over and nothing is deleted.
+    """
     _apply_s3_endpoint(s3_endpoint)
     with Progress(
         TextColumn("generating"),
@@ -114,10 +123,8 @@ def inspect_command(
     s3_endpoint: str | None,
     as_json: bool,
 ) -> None:
-    """Count images and masks per category, check sizes, and list problems with their paths."""
-    from agp_data.inspect import inspect_dataset
-    from agp_data.layouts import FolderLayout
-
+    """Count images and masks per category, decode every image and mask (a few per category on
+    s3://), check sizes, and list problems with their paths."""
     _apply_s3_endpoint(s3_endpoint)
     folder = None
     if dataset_name == "folder":
@@ -198,8 +205,7 @@ def _print_report(report) -> None:
 @click.option("--root", required=True, metavar="DIR", help="Local directory to download and extract into.")
 def download_command(name: str, root: str) -> None:
     """Download, verify and extract an official dataset archive (resumable)."""
-    from agp_data.download import download
-
+    check_writable_dir(root)  # before the download, not after it
     source = SOURCES[name]
     console.print(f"{name}: {source.file} from {source.urls[0]}")
     dataset_root = download(name, root)

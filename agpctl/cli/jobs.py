@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import click
+from rich.table import Table
 
+from agpctl.cluster.jobs import client, follow_logs
 from agpctl.console import console
+from agpctl.errors import UserError
 
 ADDRESS = click.option("--address", required=True, envvar="RAY_ADDRESS",
                        help="Ray Jobs address, e.g. http://head:8265 (or $RAY_ADDRESS)")
@@ -12,9 +15,6 @@ ADDRESS = click.option("--address", required=True, envvar="RAY_ADDRESS",
 
 def follow_submitted(jobs_client, job_id: str, address: str, where: str) -> None:
     """Streams a submitted job's logs until it ends; Ctrl-C asks whether to stop it."""
-    from agpctl.errors import UserError
-    from agpctl.jobs import follow_logs
-
     console.print(f"submitted job [bold]{job_id}[/] to {address}; results: [cyan]{where}[/]")
     try:
         status = follow_logs(jobs_client, job_id, lambda text: click.echo(text, nl=False))
@@ -40,10 +40,6 @@ def jobs():
 @ADDRESS
 def list_jobs(address):
     """Jobs on the cluster, newest first."""
-    from rich.table import Table
-
-    from agpctl.jobs import client
-
     table = Table()
     for column in ("job id", "status", "run", "entrypoint"):
         table.add_column(column)
@@ -60,8 +56,6 @@ def list_jobs(address):
 @click.option("--follow", is_flag=True, help="keep streaming until the job ends")
 def logs(address, job_id, follow):
     """Print a job's logs."""
-    from agpctl.jobs import client, follow_logs
-
     jobs_client = client(address)
     if follow:
         follow_logs(jobs_client, job_id, lambda text: click.echo(text, nl=False))
@@ -74,7 +68,5 @@ def logs(address, job_id, follow):
 @click.argument("job_id")
 def stop(address, job_id):
     """Stop a running job."""
-    from agpctl.jobs import client
-
     stopped = client(address).stop_job(job_id)
     console.print(f"job {job_id}: {'stop requested' if stopped else 'was not running'}")

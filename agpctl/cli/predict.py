@@ -5,10 +5,20 @@ from __future__ import annotations
 import contextlib
 
 import click
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from agp_data import storage
+from agpctl.cli.jobs import follow_submitted
+from agpctl.cluster.connect import address_kind
+from agpctl.cluster.jobs import submit_command
 from agpctl.console import console, print_warning
 from agpctl.errors import UserError
+from agpctl.inference.export import export_run
+from agpctl.inference.predict import check_threshold_options, run_predict
+from agpctl.inference.predict_ray import run_predict_on_ray
+from agpctl.runs import to_json
 
 
 @click.command()
@@ -40,13 +50,12 @@ def predict(source, run_uri, out, threshold, pixel_threshold, category, recursiv
     are reported and skipped. By default runs in this process (GPU when present); --workers N
     shares the images among N Ray tasks, --address runs them on a Ray cluster.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from agpctl.cluster import address_kind
-
     if workers < 1:
         raise UserError("--workers must be at least 1")
     storage.configure_s3(s3_endpoint)
+    check_threshold_options(threshold, pixel_threshold)
+    if address_kind(address) != "jobs":  # a job's paths are the cluster's to check
+        storage.check_writable_dir(out)
     if address_kind(address) == "jobs":
         _submit_predict_job(address, source, run_uri, out, threshold, pixel_threshold, category, recursive, batch_size,
                             image_format, no_images, top, workers, gpus_per_worker)
@@ -63,17 +72,11 @@ def predict(source, run_uri, out, threshold, pixel_threshold, category, recursiv
         hooks = dict(on_start=lambda total: progress.update(task, total=total),
                      on_progress=lambda done, total: progress.update(task, completed=done))
         if workers > 1 or address:
-            from agpctl.predict_ray import run_predict_on_ray
-
             report = run_predict_on_ray(source, run_uri, out, address=address, workers=workers,
                                         gpus_per_worker=gpus_per_worker, on_warning=print_warning, **common, **hooks)
         else:
-            from agpctl.predict import run_predict
-
-            report = run_predict(source, run_uri, out, **common, **hooks)
+            report = run_predict(source, run_uri, out, on_warning=print_warning, **common, **hooks)
     if as_json:
-        from agpctl.checkpoint import to_json
-
         summary = report.as_dict()
         summary.pop("predictions")
         summary["top"] = report.top(top)
@@ -85,9 +88,6 @@ def predict(source, run_uri, out, threshold, pixel_threshold, category, recursiv
 def _submit_predict_job(address, source, run_uri, out, threshold, pixel_threshold, category, recursive, batch_size,
                         image_format, no_images, top, workers, gpus_per_worker) -> None:
     """Ray Jobs: the whole predict runs on the cluster, from the paths as the cluster sees them."""
-    from agpctl.jobs import submit_command
-    from agpctl.jobs_cli import follow_submitted
-
     args = ["predict", source, "--run", run_uri, "--out", out, "--threshold", str(threshold), "--address", "auto",
             "--workers", str(workers), "--format", image_format, "--top", str(top)]
     for flag, value in (("--pixel-threshold", pixel_threshold), ("--category", category),
@@ -100,9 +100,6 @@ def _submit_predict_job(address, source, run_uri, out, threshold, pixel_threshol
 
 
 def _print_summary(report, top: int) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     t = report.thresholds
     console.print(f"[bold]{len(report.rows)}[/] images scored in {report.seconds:.1f}s · "
                   f"[bold red]{report.anomalous} anomalous[/] · {len(report.rows) - report.anomalous} normal · "
@@ -141,15 +138,12 @@ def export(run_uri, fmt, out, image_size, category, opset, batch_size, s3_endpoi
     anomaly map (B, S, S) and the image score (B,). The run's thresholds are stored in the
     file's metadata.
     """
-    from agpctl.export import export_run
-
     storage.configure_s3(s3_endpoint)
+    storage.check_writable_file(out)
     with console.status(f"exporting to {fmt}", spinner="dots") if not as_json else contextlib.nullcontext():
         result = export_run(run_uri, out, fmt, image_size=image_size, category=category, opset=opset,
-                            batch_size=batch_size)
+                            batch_size=batch_size, on_warning=print_warning)
     if as_json:
-        from agpctl.checkpoint import to_json
-
         click.echo(to_json(result.as_dict()))
         return
     batch = "any batch size" if result.batch_size is None else f"fixed batch size {result.batch_size}"

@@ -60,6 +60,7 @@ RUN_FLAGS: list[tuple[str, str, dict[str, Any], Callable[[Any], Any] | None]] = 
     ("--loader-workers", "data.loader_workers", {"type": int, "help": "DataLoader processes per training worker"}, None),
     ("--cache-dir", "data.cache_dir", {"help": "local cache for s3:// images"}, None),
     ("--texture-root", "data.texture_root", {"help": "DTD-style texture folder for pseudo-anomalies (default: generated textures)"}, None),
+    ("--strict-data", "data.strict", {"is_flag": True, "default": None, "help": "stop on mask problems (missing masks of defect images, masks of another size) instead of warning"}, None),
     ("--epochs", "train.epochs", {"type": int}, None),
     ("--batch-size", "train.batch_size", {"type": int}, None),
     ("--eval-batch-size", "train.eval_batch_size", {"type": int}, None),
@@ -105,6 +106,7 @@ def config_from_options(options: dict[str, Any]) -> RunConfig:
     """defaults < --config YAML < --set < explicit flags."""
     path = options.get("config_path")
     if path:
+        storage.configure_s3(options.get("s3_endpoint"))  # --config may itself be on that endpoint
         if not storage.exists(path):
             raise UserError(f"config file {path} not found")
         cfg = RunConfig.from_yaml(storage.read_text(path), source=path)

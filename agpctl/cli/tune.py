@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import click
 
-from agpctl.checkpoint import to_json
+from agpctl.cli.run_flags import config_from_options, run_options
 from agpctl.console import console
-from agpctl.run_options import config_from_options, run_options
+from agpctl.runs import to_json
+from tuning.space import load_space
+from tuning.sweep import SweepSettings, run_sweep
 
 
 @click.command()
@@ -32,9 +34,6 @@ def tune(space_path, samples, scheduler, search, max_concurrent, grace_period, o
     config fields it names (dotted paths such as model.alpha_max). Writes results.json,
     results.csv and best.yaml (usable as `agpctl train --config best.yaml`) to the sweep folder.
     """
-    from tuning.space import load_space
-    from tuning.sweep import SweepSettings, run_sweep
-
     cfg = config_from_options(options)
     if resume_dir:
         outcome = run_sweep(cfg, None, None, resume=resume_dir, console=console, quiet=quiet or as_json)

@@ -10,21 +10,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from urllib.parse import urlparse
 
-from agpctl.errors import UserError
+from agpctl.cluster.runtime_env import client_runtime_env
+from agpctl.errors import UserError, first_line
 
 
 def address_kind(address: str | None) -> str:
-    """'local' (embedded), 'client' (ray://), 'jobs' (http(s)://) or 'cluster' (host:port / auto)."""
+    """'local' (embedded), 'client' (ray://), 'jobs' (http(s)://) or 'cluster' (host:port / auto);
+    an address of none of these forms is the user's mistake."""
     if not address:
         return "local"
     if address.startswith("ray://"):
-        return "client"
-    if address.startswith(("http://", "https://")):
-        return "jobs"
-    return "cluster"
+        kind = "client"
+    elif address.startswith(("http://", "https://")):
+        kind = "jobs"
+    elif address == "auto":
+        return "cluster"
+    elif "://" in address:
+        raise UserError(f"--address {address}: use ray://HOST:10001 (Ray Client), http://HOST:8265 (Ray Jobs), "
+                        "HOST:PORT or auto")
+    else:
+        kind = "cluster"
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = None
+    if not parsed.hostname or (kind == "cluster" and port is None) or (port is None and ":" in parsed.netloc):
+        raise UserError(f"--address {address}: expected a host and port, e.g. ray://head:10001, http://head:8265 or head:6379")
+    return kind
 
 
 def use_token_if_available() -> None:
@@ -38,7 +56,7 @@ def use_token_if_available() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     host, port = parsed.hostname, parsed.port
     if not host or not port:
@@ -55,7 +73,7 @@ def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: d
     """``ray.init`` for the duration of a command; shuts down only what it started."""
     if address_kind(address) != "local":
         use_token_if_available()  # before Ray reads its configuration
-    import ray
+    import ray  # deferred: after the token set-up above (see agpctl.cluster)
 
     if ray.is_initialized():  # e.g. inside a Ray job or a Tune trial: use what is there
         yield ray
@@ -73,33 +91,69 @@ def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: d
         )
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     else:
-        _check_reachable(address)
+        check_reachable(address)
         kwargs["address"] = address
         if kind == "client" and runtime_env is None:
-            # Ray Client: the driver is here, the work there; ship this code and the
-            # non-secret environment (S3 endpoint, caches) along.
-            from agpctl.jobs import FORWARDED_ENV, package_dirs
-
-            env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-            kwargs["runtime_env"] = {"py_modules": package_dirs(), "env_vars": env}
-    # Ray announces its (default-on) token authentication on every start; the token
-    # itself is never printed, the announcement is just noise for our users.
-    logging.getLogger("ray").setLevel(logging.ERROR)
+            kwargs["runtime_env"] = client_runtime_env()
+    silence_token_announcement()
     try:
         ray.init(**kwargs)
     except ConnectionError as exc:
-        raise UserError(f"cannot connect to Ray at {address}: {_one_line(exc)}") from None
+        raise UserError(f"cannot connect to Ray at {address}: {first_line(exc)}") from None
     except RuntimeError as exc:
-        message = _one_line(exc)
+        message = first_line(exc)
         if "version" in message.lower():
             raise UserError(f"Ray version mismatch with {address}: {message}; install the cluster's Ray version here") from None
         if "auth" in message.lower() or "token" in message.lower():
             raise UserError(f"Ray at {address} refused authentication; set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token") from None
         raise
     try:
-        yield ray
+        with sigterm_as_interrupt():
+            yield ray
     finally:
         ray.shutdown()
+
+
+class _AnnouncementFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Token authentication is enabled" not in record.getMessage()
+
+
+TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def silence_token_announcement() -> None:
+    """Ray announces its (default-on) token authentication at every start, whatever the
+    log level asked for; the token itself is never printed, the line is noise for our users."""
+    logger = logging.getLogger(TOKEN_SETUP_LOGGER)
+    if not any(isinstance(f, _AnnouncementFilter) for f in logger.filters):
+        logger.addFilter(_AnnouncementFilter())
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by `timeout`, Kubernetes, Slurm), handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While Ray runs in this process, SIGTERM stops the command the way Ctrl-C does.
+
+    Ray's driver installs a native SIGTERM handler that dumps stacks and aborts (exit 134),
+    skipping every ``finally``; this one raises :class:`Terminated` (a KeyboardInterrupt) in
+    the main thread instead, so workers are stopped, checkpoints kept and the resume command
+    printed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def local_cpu_share(cluster_cpus: float, consumers: int) -> float:
@@ -111,14 +165,9 @@ def local_cpu_share(cluster_cpus: float, consumers: int) -> float:
 def use_assigned_cpus() -> None:
     """Inside a Ray worker or task: torch's intra-op threads follow the CPUs Ray reserved for
     it (Ray itself caps them at 1 otherwise)."""
-    import ray
-    import torch
+    import ray  # deferred: see agpctl.cluster
+    import torch  # deferred: `agpctl data` and `jobs` never need it
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     if cpus:
         torch.set_num_threads(max(1, int(cpus)))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__

@@ -11,48 +11,35 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import tempfile
 import time
 from typing import Any
 
+from agpctl.cluster.connect import check_reachable, use_token_if_available
+from agpctl.cluster.runtime_env import job_runtime_env
 from agpctl.config import RunConfig
-from agpctl.errors import UserError
+from agpctl.errors import UserError, first_line
+from agpctl.runs import default_run_name, run_uri_for
 
-PACKAGES = ("agpctl", "agp_models", "agp_data", "tuning")
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AGP_CACHE_DIR", "AGP_CACHE_MAX_GB")
 AGENT_WAIT_S = 90
 
 
 def client(address: str):
-    from agpctl.cluster import _check_reachable, use_token_if_available
-
-    _check_reachable(address)
+    check_reachable(address)
     use_token_if_available()
-    from ray.job_submission import JobSubmissionClient
+    from ray.job_submission import JobSubmissionClient  # deferred: after the token set-up (see agpctl.cluster)
 
     try:
         return JobSubmissionClient(address)
     except Exception as exc:  # the SDK raises plain exceptions for auth and version problems
-        raise UserError(f"cannot use Ray Jobs at {address}: {_first_line(exc)}") from None
-
-
-def package_dirs() -> list[str]:
-    import importlib
-
-    return [os.path.dirname(importlib.import_module(name).__file__) for name in PACKAGES]
-
-
-def job_runtime_env(workdir: str) -> dict[str, Any]:
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    return {"working_dir": workdir, "py_modules": package_dirs(), "env_vars": env}
+        raise UserError(f"cannot use Ray Jobs at {address}: {first_line(exc)}") from None
 
 
 def submit_command(address: str, args: list[str], *, files: dict[str, str] | None = None,
                    metadata: dict[str, str] | None = None) -> tuple[Any, str]:
     """Submits ``agpctl ARGS`` as a Ray job; ``files`` are written into its working directory.
     Returns (client, job id)."""
-    import shlex
-
     jobs = client(address)
     with tempfile.TemporaryDirectory(prefix="agp-job-") as workdir:
         for name, text in (files or {}).items():
@@ -70,13 +57,11 @@ def submit_command(address: str, args: list[str], *, files: dict[str, str] | Non
                 if "No available agent" in str(exc) and time.monotonic() < deadline:
                     time.sleep(2)
                     continue
-                raise UserError(f"Ray Jobs at {address} refused the submission: {_first_line(exc)}") from None
+                raise UserError(f"Ray Jobs at {address} refused the submission: {first_line(exc)}") from None
 
 
 def submit_training(cfg: RunConfig, address: str, resume: str | None = None) -> tuple[Any, str, str]:
     """Submits the run; returns (client, job id, where results land)."""
-    from agpctl.train import default_run_name, run_uri_for
-
     job_cfg = RunConfig.from_dict(cfg.to_dict())
     job_cfg.cluster.address = "auto"  # inside the job: the cluster it runs on
     job_cfg.storage.name = job_cfg.storage.name or default_run_name(job_cfg)
@@ -100,8 +85,3 @@ def follow_logs(jobs, job_id: str, write) -> str:
     asyncio.run(tail())
     status = jobs.get_job_status(job_id)
     return str(getattr(status, "value", status))
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0] if lines else exc.__class__.__name__

@@ -18,11 +18,14 @@ and its maps and scores are compared with the PyTorch model on a few images.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
+import os
+import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agp_data import storage
+from agpctl import runs
 from agpctl.errors import UserError
 
 FORMATS = ("onnx", "torchscript")
@@ -144,7 +148,7 @@ def _export_onnx(wrapper: nn.Module, opset: int, metadata: dict[str, Any], batch
     is not a dependency of agp. The batch axis is dynamic; agp's methods read spatial sizes as
     Python ints so that kernels are constants. A method that derives a kernel from a traced
     shape makes the dynamic export fail, and is then traced at a fixed batch size instead."""
-    import onnx
+    onnx = optional_module("onnx")
 
     attempts: list[int | None] = [batch_size] if batch_size else [None, 1]
     last_error: Exception | None = None
@@ -168,12 +172,18 @@ def _export_onnx(wrapper: nn.Module, opset: int, metadata: dict[str, Any], batch
     raise UserError(f"ONNX export failed: {str(last_error).splitlines()[0][:300]}; try --format torchscript")
 
 
+def optional_module(name: str):
+    """An optional package of the ``export`` extra; its absence is one line naming the install."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise UserError(f"ONNX export needs the {name} package, which agp installs as an extra: "
+                        f"pip install 'agp[export]' (or use --format torchscript)") from None
+
+
 @contextlib.contextmanager
 def _quiet_native_stderr():
     """Silence file descriptor 2 (C++ logging does not go through sys.stderr)."""
-    import os
-    import sys
-
     sys.stderr.flush()
     saved = os.dup(2)
     try:
@@ -196,8 +206,7 @@ def _export_torchscript(wrapper: nn.Module, example: Tensor, metadata: dict[str,
 def run_exported(data: bytes, fmt: str, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """(maps, scores) of an exported model file's bytes on ``images`` (CPU)."""
     if fmt == "onnx":
-        import onnxruntime
-
+        onnxruntime = optional_module("onnxruntime")
         session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
         maps, scores = session.run(["map", "score"], {"image": images.numpy().astype(np.float32)})
         return np.asarray(maps), np.asarray(scores)
@@ -237,12 +246,10 @@ def verify_export(wrapper: nn.Module, data: bytes, fmt: str, out: str, fixed_bat
 
 
 def export_run(run_uri: str, out: str, fmt: str, image_size: int | None = None, category: str | None = None,
-               opset: int = DEFAULT_OPSET, batch_size: int | None = None) -> ExportResult:
+               opset: int = DEFAULT_OPSET, batch_size: int | None = None,
+               on_warning: Callable[[str], None] | None = None) -> ExportResult:
     """Load the run's latest checkpoint (on the CPU) and export it; thresholds go into metadata."""
-    from agpctl.predict import select_model_run
-    from agpctl.evaluate import load_run
-
-    run = load_run(select_model_run(run_uri, category), torch.device("cpu"))
+    run = runs.load_run(runs.select_model_run(run_uri, category), torch.device("cpu"), warn=on_warning)
     thresholds = {k: run.thresholds.get(k) for k in ("image", "pixel", "source")}
     metadata = {"run": run.uri, "epoch": run.checkpoint.epoch, "thresholds": thresholds}
     return export_model(run.model, out, fmt, image_size, opset, metadata, batch_size)

@@ -19,6 +19,7 @@ import csv
 import fnmatch
 import glob
 import io
+import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,7 +34,9 @@ from PIL import Image
 from agp_data import storage
 from agp_data.errors import DataError
 from agp_data.images import is_image_file, read_image
+from agpctl import runs
 from agpctl.errors import UserError
+from agpctl.models import autocast, default_device
 
 CSV_FILE = "predictions.csv"
 JSON_FILE = "predictions.json"
@@ -51,10 +54,14 @@ class InputImage:
     name: str  # output name relative to the input root, without extension ("sub/img_001")
 
 
-def discover_inputs(source: str, recursive: bool = False) -> list[InputImage]:
+def discover_inputs(source: str, recursive: bool = False, exclude: str | None = None,
+                    skipped: list[tuple[str, str]] | None = None) -> list[InputImage]:
     """Images named by ``source``: one file, a folder (sub-folders with ``recursive``), a glob
     (``**`` with ``recursive``), or an ``s3://`` prefix / object / glob. Files without an image
-    extension are ignored inside folders; a file named directly is always tried."""
+    extension are ignored inside folders; a file named directly is always tried. Files below
+    ``exclude`` (predict's own output folder, when it lies inside the input) are left out.
+    Entries that cannot be read (a symbolic-link loop, a broken link) are skipped, never fatal;
+    ``skipped`` gets (path, reason) for each."""
     source = str(source)
     if any(c in source for c in _GLOB_CHARS):
         root, paths = _glob(source, recursive)
@@ -70,13 +77,23 @@ def discover_inputs(source: str, recursive: bool = False) -> list[InputImage]:
         root, paths = os.path.dirname(os.path.abspath(source)), [os.path.abspath(source)]
     elif os.path.isdir(source):
         root = source
-        paths = [p for p in storage.list_files(source, recursive=recursive) if is_image_file(p)]
+        paths = [p for p in storage.list_files(source, recursive=recursive, skipped=skipped) if is_image_file(p)]
     else:
         raise UserError(f"input {source} does not exist; give an image, a folder, a glob or an s3:// prefix")
+    if exclude:
+        paths = [p for p in paths if not _below(p, exclude)]
     if not paths:
         hint = "" if recursive else " (add --recursive to include sub-folders)"
         raise UserError(f"no images found in {source}{hint}")
     return _named(root, sorted(paths))
+
+
+def _below(path: str, folder: str) -> bool:
+    if storage.is_s3(path) != storage.is_s3(folder):
+        return False
+    if storage.is_s3(path):
+        return path.startswith(folder.rstrip("/") + "/")
+    return os.path.commonpath([os.path.abspath(path), os.path.abspath(folder)]) == os.path.abspath(folder)
 
 
 def _glob(pattern: str, recursive: bool) -> tuple[str, list[str]]:
@@ -114,7 +131,7 @@ def _named(root: str, paths: list[str]) -> list[InputImage]:
     return [InputImage(p, n) for p, n in zip(paths, names)]
 
 
-# -- thresholds and runs -----------------------------------------------------------------
+# -- thresholds ---------------------------------------------------------------------------
 @dataclass
 class Thresholds:
     image: float
@@ -125,41 +142,38 @@ class Thresholds:
 def resolve_thresholds(stored: dict[str, Any], threshold: str = "auto", pixel_threshold: float | None = None
                        ) -> Thresholds:
     """``auto``: the run's calibrated thresholds; a number overrides the image threshold and,
-    unless ``pixel_threshold`` is given, the pixel threshold too."""
+    unless ``pixel_threshold`` is given, the pixel threshold too. Thresholds are finite numbers."""
+    if pixel_threshold is not None:
+        pixel_threshold = _finite(pixel_threshold, "--pixel-threshold")
     if str(threshold).lower() == "auto":
         image, pixel = stored.get("image"), stored.get("pixel")
         if image is None or pixel is None:
-            raise UserError("this run has no calibrated thresholds (trained with val_fraction 0?); "
-                            "pass --threshold VALUE")
+            raise UserError("this run has no calibrated thresholds: pass --threshold VALUE "
+                            "(training calibrates them on held-out normal images, see --val-fraction)")
         source = f"auto: {stored.get('source', 'calibrated at training')}"
         if pixel_threshold is not None:
             pixel, source = pixel_threshold, source + "; pixel threshold given"
         return Thresholds(float(image), float(pixel), source)
-    try:
-        value = float(threshold)
-    except ValueError:
-        raise UserError(f"--threshold must be 'auto' or a number, got {threshold!r}") from None
-    pixel = value if pixel_threshold is None else float(pixel_threshold)
+    value = _finite(threshold, "--threshold")
+    pixel = value if pixel_threshold is None else pixel_threshold
     return Thresholds(value, pixel, "given" if pixel_threshold is None else "given (image and pixel)")
 
 
-def select_model_run(run_uri: str, category: str | None = None) -> str:
-    """The model directory to use: the run itself, or for a per-category run the category's
-    (``category`` required unless the run holds a single one)."""
-    from agpctl.evaluate import sub_runs
+def check_threshold_options(threshold: str, pixel_threshold: float | None) -> None:
+    """``--threshold`` / ``--pixel-threshold`` as given are usable (before any work starts)."""
+    resolve_thresholds({"image": 0.0, "pixel": 0.0}, threshold, pixel_threshold)
 
-    run_uri = run_uri.rstrip("/")
-    runs = sub_runs(run_uri)
-    if runs == [run_uri]:
-        return run_uri
-    names = {r.rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]: r for r in runs}
-    if category is None:
-        if len(names) == 1:
-            return next(iter(names.values()))
-        raise UserError(f"{run_uri} holds one model per category ({', '.join(sorted(names))}); pass --category NAME")
-    if category not in names:
-        raise UserError(f"{run_uri} has no model for category {category!r}; choose one of {', '.join(sorted(names))}")
-    return names[category]
+
+def _finite(value: Any, flag: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+        if flag == "--threshold":
+            raise UserError(f"--threshold must be 'auto' or a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise UserError(f"{flag} must be a finite number, got {value!r}")
+    return number
 
 
 # -- maps to pictures --------------------------------------------------------------------
@@ -246,8 +260,6 @@ def predict_images(model, inputs: list[InputImage], out: str, thresholds: Thresh
                    model_info: dict[str, Any] | None = None, write_summary: bool = True) -> PredictReport:
     """Run ``model`` (an eval-mode AnomalyModel) over ``inputs`` and write every output below
     ``out``; ``write_summary=False`` leaves predictions.csv/json to the caller (sharded predict)."""
-    from agpctl.engine import autocast
-
     if image_format not in IMAGE_FORMATS:
         raise UserError(f"--format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
     if batch_size < 1:
@@ -340,34 +352,42 @@ def _row(item: InputImage, rgb: np.ndarray, score: float, full_map: np.ndarray, 
 
 
 def write_tables(report: PredictReport, out: str) -> None:
-    from agpctl.checkpoint import to_json
-
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in report.rows:
         writer.writerow({**row, "score": f"{row['score']:.6g}"})
     storage.write_text(storage.join(out, CSV_FILE), buffer.getvalue())
-    storage.write_text(storage.join(out, JSON_FILE), to_json(report.as_dict()) + "\n")
+    storage.write_text(storage.join(out, JSON_FILE), runs.to_json(report.as_dict()) + "\n")
 
 
 def run_predict(source: str, run_uri: str, out: str, *, threshold: str = "auto", pixel_threshold: float | None = None,
                 recursive: bool = False, category: str | None = None, batch_size: int | None = None,
                 image_format: str = "png", write_images: bool = True, device: torch.device | None = None,
-                on_start: Callable[[int], None] | None = None, **kwargs: Any) -> PredictReport:
+                on_start: Callable[[int], None] | None = None, on_warning: Callable[[str], None] | None = None,
+                **kwargs: Any) -> PredictReport:
     """Load the run, find the inputs, predict; see :func:`predict_images`."""
-    from agpctl.engine import default_device
-    from agpctl.evaluate import load_run
-
-    model_uri = select_model_run(run_uri, category)
-    run = load_run(model_uri, device or default_device())
+    model_uri = runs.select_model_run(run_uri, category)
+    run = runs.load_run(model_uri, device or default_device(), warn=on_warning)
     thresholds = resolve_thresholds(run.thresholds, threshold, pixel_threshold)
-    inputs = discover_inputs(source, recursive)
+    unreadable: list[tuple[str, str]] = []
+    inputs = discover_inputs(source, recursive, exclude=out, skipped=unreadable)
     if on_start is not None:
         on_start(len(inputs))
-    model_info = {"run": model_uri, "method": run.cfg.method, "epoch": run.checkpoint.epoch,
-                  "image_size": run.cfg.model.image_size}
-    return predict_images(run.model, inputs, out, thresholds, batch_size=batch_size or run.cfg.train.eval_batch_size,
-                          image_format=image_format, write_images=write_images, precision=run.cfg.train.precision,
-                          device=device or default_device(), model_info=model_info, **kwargs)
+    report = predict_images(run.model, inputs, out, thresholds, batch_size=batch_size or run.cfg.train.eval_batch_size,
+                            image_format=image_format, write_images=write_images, precision=run.cfg.train.precision,
+                            device=device or default_device(), model_info=run.info(), write_summary=False, **kwargs)
+    note_unreadable(report, unreadable, kwargs.get("on_skip"))
+    write_tables(report, out)
+    return report
+
+
+def note_unreadable(report: PredictReport, unreadable: list[tuple[str, str]],
+                    on_skip: Callable[[str, str], None] | None) -> None:
+    """Folder entries that could not even be listed join the report's skipped files."""
+    for path, reason in unreadable:
+        error = f"{path}: {reason}"
+        report.skipped.append({"path": path, "error": error})
+        if on_skip is not None:
+            on_skip(path, error)
 

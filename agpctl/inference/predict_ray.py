@@ -14,46 +14,39 @@ import time
 from typing import Any, Callable
 
 from agp_data import storage
-from agpctl.errors import UserError, user_error_from_remote
-from agpctl.predict import (
+from agpctl import runs
+from agpctl.cluster.connect import address_kind, local_cpu_share, ray_session, use_assigned_cpus
+from agpctl.cluster.events import drain, make_channel, send
+from agpctl.errors import UserError, remote_error_line
+from agpctl.inference.predict import (
     InputImage,
     PredictReport,
     discover_inputs,
+    note_unreadable,
     predict_images,
     resolve_thresholds,
-    select_model_run,
     write_tables,
 )
+from agpctl.models import default_device
+from agpctl.paths import absolute
 
 
 def predict_shard(model_uri: str, items: list[InputImage], out: str, options: dict[str, Any], channel=None,
                   shard: int = 0) -> PredictReport:
     """One Ray task: load the run, predict ``items``, write their files (not the tables)."""
-    from agpctl.cluster import use_assigned_cpus
-    from agpctl.engine import default_device
-    from agpctl.evaluate import load_run
-
     storage.configure_s3(options.get("s3_endpoint"))
     use_assigned_cpus()
     device = default_device()
-    run = load_run(model_uri, device)
+    run = runs.load_run(model_uri, device, warn=lambda text: send(channel, (shard, "warning", text)))
     thresholds = resolve_thresholds(run.thresholds, options["threshold"], options["pixel_threshold"])
-
-    def send(*event: Any) -> None:
-        if channel is not None:
-            try:
-                channel.put_nowait((shard, *event))
-            except Exception:  # progress is best effort
-                pass
 
     return predict_images(
         run.model, items, out, thresholds, batch_size=options["batch_size"] or run.cfg.train.eval_batch_size,
         image_format=options["image_format"], write_images=options["write_images"], precision=run.cfg.train.precision,
         device=device, write_summary=False,
-        on_progress=lambda done, total: send("progress", done),
-        on_skip=lambda path, error: send("skip", path, error),
-        model_info={"run": model_uri, "method": run.cfg.method, "epoch": run.checkpoint.epoch,
-                    "image_size": run.cfg.model.image_size},
+        on_progress=lambda done, total: send(channel, (shard, "progress", done)),
+        on_skip=lambda path, error: send(channel, (shard, "skip", path, error)),
+        model_info=run.info(),
     )
 
 
@@ -77,22 +70,22 @@ def run_predict_on_ray(source: str, run_uri: str, out: str, *, address: str | No
                        on_progress: Callable[[int, int], None] | None = None,
                        on_skip: Callable[[str, str], None] | None = None,
                        on_warning: Callable[[str], None] | None = None) -> PredictReport:
-    from agpctl.cluster import address_kind, local_cpu_share, ray_session
-    from agpctl.progress import make_channel
-
     if workers < 1:
         raise UserError("--workers must be at least 1")
     if batch_size is not None and batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     remote = address_kind(address) != "local"
+    # The tasks run in directories of their own: local paths must be absolute to reach them.
+    source, run_uri, out = absolute(source), absolute(run_uri), absolute(out)
     local_paths = [p for p in (source, run_uri, out) if not storage.is_s3(p)]
     # Through Ray Client the driver is here and the tasks are there (inside a Ray job both are there).
     if address_kind(address) == "client" and local_paths and on_warning is not None:
         on_warning(f"{', '.join(local_paths)}: the cluster's machines must see these paths too "
                    "(use s3:// URIs unless they share a file system with this one)")
-    model_uri = select_model_run(run_uri, category)
+    model_uri = runs.select_model_run(run_uri, category)
     _check_thresholds(model_uri, threshold, pixel_threshold)  # fail here, before any task starts
-    inputs = discover_inputs(source, recursive)
+    unreadable: list[tuple[str, str]] = []
+    inputs = discover_inputs(source, recursive, exclude=out, skipped=unreadable)
     if on_start is not None:
         on_start(len(inputs))
     options = {"threshold": threshold, "pixel_threshold": pixel_threshold, "batch_size": batch_size,
@@ -107,10 +100,11 @@ def run_predict_on_ray(source: str, run_uri: str, out: str, *, address: str | No
         task = ray.remote(predict_shard).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
         refs = [task.remote(model_uri, part, out, options, channel, i) for i, part in enumerate(parts)]
         done_per_shard = [0] * len(parts)
+        warned: set[str] = set()
         pending = list(refs)
         while pending:
             _, pending = ray.wait(pending, timeout=0.5)
-            for event in _drain(channel):
+            for event in drain(channel):
                 shard, kind = event[0], event[1]
                 if kind == "progress":
                     done_per_shard[shard] = event[2]
@@ -118,41 +112,28 @@ def run_predict_on_ray(source: str, run_uri: str, out: str, *, address: str | No
                         on_progress(sum(done_per_shard), len(inputs))
                 elif kind == "skip" and on_skip is not None:
                     on_skip(event[2], event[3])
+                elif kind == "warning" and on_warning is not None and event[2] not in warned:
+                    warned.add(event[2])
+                    on_warning(event[2])
         try:
             reports: list[PredictReport] = ray.get(refs)
         except Exception as exc:
-            raise UserError(f"predict failed on the cluster: {_user_line(exc)}") from None
+            raise UserError(f"predict failed on the cluster: {remote_error_line(exc)}") from None
     report = reports[0]  # shards() always yields at least one (possibly empty) shard
     for other in reports[1:]:
         report.rows.extend(other.rows)
         report.skipped.extend(other.skipped)
     report.seconds = time.perf_counter() - started
     report.model = {**report.model, "workers": len(parts)}
+    note_unreadable(report, unreadable, on_skip)
     write_tables(report, out)
     return report
 
 
 def _check_thresholds(model_uri: str, threshold: str, pixel_threshold: float | None) -> None:
-    from agpctl import checkpoint as ckpt
-
-    stored_uri = storage.join(model_uri, ckpt.THRESHOLDS_FILE)
-    if storage.exists(stored_uri):  # else the tasks read them from the checkpoint
-        resolve_thresholds(ckpt.read_json(stored_uri), threshold, pixel_threshold)
-
-
-def _drain(channel) -> list[tuple]:
-    events = []
-    while True:
-        try:
-            events.append(channel.get_nowait())
-        except Exception:  # ray.util.queue.Empty
-            return events
-
-
-def _user_line(exc: BaseException) -> str:
-    known = user_error_from_remote(exc)
-    if known is not None:
-        return str(known)
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else exc.__class__.__name__
-
+    if str(threshold).lower() != "auto":
+        resolve_thresholds({}, threshold, pixel_threshold)
+        return
+    stored = runs.stored_thresholds(model_uri)
+    if stored is not None:  # else the tasks read them from the checkpoint
+        resolve_thresholds(stored, threshold, pixel_threshold)

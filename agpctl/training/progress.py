@@ -7,19 +7,16 @@ bar per epoch, one line of losses per epoch, then the metrics table.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from agpctl.cluster.events import send
 from agpctl.console import console as default_console
 from agpctl.console import print_warning
-
-
-def make_channel():
-    from ray.util.queue import Queue
-
-    return Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+from agpctl.tables import metrics_table
 
 
 class ProgressSender:
@@ -31,12 +28,7 @@ class ProgressSender:
         self._last_step = 0.0
 
     def _send(self, *event: Any) -> None:
-        if self.channel is None:
-            return
-        try:
-            self.channel.put_nowait(event)
-        except Exception:  # progress is best effort
-            pass
+        send(self.channel, event)
 
     def start(self, **info: Any) -> None:
         self._send("start", info)
@@ -107,14 +99,28 @@ class ProgressView:
             f"run: [cyan]{run_uri}[/]"
         )
 
-    def follow(self, channel, thread) -> None:
-        """Renders events until the training thread ends and the channel is drained."""
+    @contextlib.contextmanager
+    def task(self, description: str):
+        """A transient progress bar for work on the driver; yields its ``on_progress(done, total)``."""
+        progress = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=self.console, transient=True, disable=self.quiet)
+        with progress:
+            task = progress.add_task(description, total=None)
+            yield lambda done, total: progress.update(task, completed=done, total=total)
+
+    def follow(self, channel, thread, waiting: Callable[[], str] | None = None, patience_s: float = 60.0) -> None:
+        """Renders events until the training thread ends and the channel is drained.
+
+        When no worker has started after ``patience_s`` seconds (Ray waiting for resources it
+        may never get), ``waiting()`` says what Ray waits for, as a warning, every ``patience_s``."""
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
             disable=self.quiet,
         )
         state: dict[str, Any] = {"task": None, "steps": 1, "epochs": 1}
+        started = False
+        next_note = time.monotonic() + patience_s
         with progress:
             while True:
                 alive = thread.is_alive()
@@ -122,8 +128,12 @@ class ProgressView:
                     event = channel.get(block=alive, timeout=0.5 if alive else None)
                 except Exception:  # ray.util.queue.Empty: nothing new
                     if alive:
+                        if not started and waiting is not None and time.monotonic() >= next_note:
+                            next_note = time.monotonic() + patience_s
+                            print_warning(waiting())
                         continue
                     break
+                started = True
                 self._render(event, progress, state)
 
     def _render(self, event: tuple, progress: Progress, state: dict[str, Any]) -> None:
@@ -173,7 +183,5 @@ class ProgressView:
     def run_finished(self, table: dict[str, Any], run_uri: str) -> None:
         if self.quiet:
             return
-        from agpctl.report import metrics_table
-
         self.console.print(metrics_table(table, title="test split"))
         self.console.print(f"results: [cyan]{run_uri}[/] (metrics.json, config.yaml, checkpoints)")

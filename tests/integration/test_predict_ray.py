@@ -14,19 +14,7 @@ from PIL import Image
 from agpctl.cli import cli
 from agpctl.inference.predict import run_predict
 from helpers import PREDICT_INPUTS as READABLE  # (file name, (width, height)) written by `image_folder`
-from helpers import read_csv, run_in_process, tiny_config, write_predict_inputs
-
-
-@pytest.fixture(scope="module")
-def trained_run(generated_dataset, tmp_path_factory) -> str:
-    run_uri = str(tmp_path_factory.mktemp("predict-runs") / "tiny")
-    run_in_process(tiny_config(generated_dataset, epochs=1), run_uri)
-    return run_uri
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory) -> str:
-    return write_predict_inputs(tmp_path_factory.mktemp("inputs"))
+from helpers import read_csv
 
 
 @pytest.mark.slow

@@ -14,17 +14,10 @@ from agpctl.cli import cli
 from agpctl.inference.export import export_model, run_exported, verification_images
 from agpctl.models import build_model
 from agpctl.runs import load_run
-from helpers import run_in_process, tiny_config, tiny_run_config
+from helpers import tiny_run_config
 
 # Independent check in these tests (the exporter verifies with its own, looser bound).
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def trained_run(generated_dataset, tmp_path_factory) -> str:
-    run_uri = str(tmp_path_factory.mktemp("export-runs") / "tiny")
-    run_in_process(tiny_config(generated_dataset, epochs=1), run_uri)
-    return run_uri
 
 
 def pytorch_reference(model, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

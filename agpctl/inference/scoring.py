@@ -1,0 +1,119 @@
+"""Scoring a dataset with a model: predictions in dataset order, and thresholds from them.
+
+Runs in one process or across a DDP group (each worker scores a shard, rank 0 gathers);
+used by training (validation, thresholds, the final test evaluation) and by ``agpctl eval``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from agp_data import storage
+from agp_models.base import AnomalyModel
+from agp_models.metrics import per_category_metrics
+from agpctl.distributed import WorkerContext, gather_to_main
+from agpctl.models import autocast, move_batch
+
+
+@dataclass
+class Predictions:
+    """Everything needed to recompute every metric, in dataset order."""
+
+    indices: np.ndarray  # (N,)
+    scores: np.ndarray  # (N,) float32
+    maps: np.ndarray  # (N, H, W) float32; (0, 0, 0) when maps were not kept
+    masks: np.ndarray  # (N, H, W) bool; likewise
+    labels: np.ndarray  # (N,) int
+    categories: list[str]
+    paths: list[str]
+
+    @classmethod
+    def concatenate(cls, parts: list["Predictions"], reindex: bool = False) -> "Predictions":
+        """``parts`` one after the other; ``reindex`` numbers the result 0..N-1 (parts from
+        different datasets), else each keeps its dataset indices (shards of one dataset)."""
+        parts = [p for p in parts if len(p.indices)]
+        with_maps = [p for p in parts if p.maps.ndim == 3 and len(p.maps)]
+        count = sum(len(p.indices) for p in parts)
+        return cls(
+            indices=np.arange(count) if reindex else
+            (np.concatenate([p.indices for p in parts]) if parts else np.zeros((0,), np.int64)),
+            scores=np.concatenate([p.scores for p in parts]) if parts else np.zeros((0,), np.float32),
+            maps=np.concatenate([p.maps for p in with_maps]) if with_maps else np.zeros((0, 0, 0), np.float32),
+            masks=np.concatenate([p.masks for p in with_maps]) if with_maps else np.zeros((0, 0, 0), bool),
+            labels=np.concatenate([p.labels for p in parts]) if parts else np.zeros((0,), np.int64),
+            categories=[c for p in parts for c in p.categories],
+            paths=[x for p in parts for x in p.paths],
+        )
+
+    def in_index_order(self) -> "Predictions":
+        order = np.argsort(self.indices, kind="stable")
+        has_maps = self.maps.ndim == 3 and len(self.maps) == len(order)
+        return Predictions(
+            indices=self.indices[order], scores=self.scores[order],
+            maps=self.maps[order] if has_maps else self.maps, masks=self.masks[order] if has_maps else self.masks,
+            labels=self.labels[order], categories=[self.categories[i] for i in order],
+            paths=[self.paths[i] for i in order],
+        )
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        return per_category_metrics(self.categories, self.scores, self.labels, self.maps, self.masks)
+
+    def save_npz(self, path: str) -> None:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, scores=self.scores, maps=self.maps.astype(np.float32), masks=self.masks,
+                            labels=self.labels, categories=np.array(self.categories), paths=np.array(self.paths))
+        storage.write_bytes(path, buffer.getvalue())
+
+
+def predict_dataset(model: AnomalyModel, dataset: Dataset, ctx: WorkerContext, batch_size: int, precision: str,
+                    on_batch: Callable[[int, int], None] | None = None, loader_workers: int = 0,
+                    keep_maps: bool = True) -> Predictions | None:
+    """Scores this worker's shard (every world_size-th sample) and gathers the whole set
+    on rank 0, which gets the result in dataset order; other ranks get None."""
+    shard = list(range(ctx.rank, len(dataset), ctx.world_size))
+    loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, num_workers=loader_workers)
+    model.eval()
+    batches: list[Predictions] = []
+    done = 0
+    with torch.no_grad():
+        for batch in loader:
+            images = batch["image"].to(ctx.device, non_blocking=True)
+            with autocast(precision, ctx.device):
+                pred = model.predict(images, move_batch(batch, ctx.device))
+            batches.append(Predictions(
+                indices=batch["index"].numpy(),
+                scores=pred.scores.float().cpu().numpy(),
+                maps=pred.maps.float().cpu().numpy() if keep_maps else np.zeros((0, 0, 0), np.float32),
+                masks=batch["mask"][:, 0].numpy() > 0.5 if keep_maps else np.zeros((0, 0, 0), bool),
+                labels=batch["label"].numpy(),
+                categories=list(batch["category"]),
+                paths=list(batch["path"]),
+            ))
+            done += len(images)
+            if on_batch is not None:
+                on_batch(done, len(shard))
+    shards = gather_to_main(Predictions.concatenate(batches), ctx)
+    if shards is None:
+        return None
+    return Predictions.concatenate(shards).in_index_order()
+
+
+def calibrate_thresholds(val: Predictions | None, quantile: float) -> dict[str, Any]:
+    """Thresholds from held-out *normal* training images: ``quantile`` of their image
+    scores, and of their per-image maximum pixel values for the defect masks."""
+    if val is None or len(val.scores) == 0:
+        return {"source": "none", "image": None, "pixel": None}
+    pixel_max = val.maps.reshape(len(val.maps), -1).max(axis=1)
+    return {
+        "source": f"quantile {quantile} of {len(val.scores)} held-out normal training images",
+        "quantile": quantile,
+        "image": float(np.quantile(val.scores, quantile)),
+        "pixel": float(np.quantile(pixel_max, quantile)),
+        "normal_image_scores": {"mean": float(val.scores.mean()), "max": float(val.scores.max())},
+    }

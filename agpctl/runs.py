@@ -1,0 +1,291 @@
+"""The run directory: what a training run leaves behind, local or on S3, and how it is read.
+
+    <out>/<name>/                       a run (name: <method>-<dataset>-<time> by default)
+        config.yaml                     the resolved configuration: enough to rebuild the model
+        checkpoint_epoch-NNNN/model.pt  checkpoints (Ray Train persists them; agpctl.checkpoint)
+        thresholds.json                 calibrated image / pixel thresholds
+        summary.json                    what was trained on what, and when
+        metrics.json                    the test table per category and the mean
+        <category>/...                  --per-category: one such run per category (sub-runs);
+                                        the parent holds config.yaml and the merged metrics.json
+
+Everything that names, writes or loads these files lives here, so training, evaluation,
+prediction, export and sweeps agree on one layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from agp_data import storage
+from agp_models.base import AnomalyModel
+from agpctl.checkpoint import CHECKPOINT_DIR_PREFIX, CHECKPOINT_FILE, deserialise
+from agpctl.config import RunConfig
+from agpctl.errors import UserError
+from agpctl.models import build_model, default_device
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.json"
+THRESHOLDS_FILE = "thresholds.json"
+_CHECKPOINT_DIR = re.compile(re.escape(CHECKPOINT_DIR_PREFIX) + r"(\d+)$")
+
+
+# -- naming --------------------------------------------------------------------------------
+def default_run_name(cfg: RunConfig) -> str:
+    return f"{cfg.method}-{cfg.data.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_uri_for(out: str, name: str) -> str:
+    return storage.join(out if storage.is_s3(out) else os.path.abspath(out), name)
+
+
+def category_sub_run(cfg: RunConfig, run_uri: str, category: str) -> tuple[RunConfig, str]:
+    """The configuration and directory of a per-category run's model for ``category``."""
+    sub_cfg = cfg.with_overrides({"data.categories": [category], "data.per_category": False,
+                                  "storage.name": f"{cfg.storage.name}/{category}"})
+    return sub_cfg, storage.join(run_uri, category)
+
+
+def sub_runs(run_uri: str) -> list[str]:
+    """The model directories of a run: itself, or one per category for --per-category."""
+    cfg = load_run_config(run_uri)
+    if not cfg.data.per_category:
+        return [run_uri]
+    runs = []
+    for path in storage.list_files(run_uri, recursive=True):
+        if path.endswith("/" + CONFIG_FILE) and path != storage.join(run_uri, CONFIG_FILE):
+            runs.append(path[: -len(CONFIG_FILE) - 1])
+    if not runs:
+        raise UserError(f"per-category run {run_uri} holds no category runs yet")
+    return sorted(runs)
+
+
+def select_model_run(run_uri: str, category: str | None = None) -> str:
+    """The model directory to use: the run itself, or for a per-category run the category's
+    (``category`` required unless the run holds a single one)."""
+    run_uri = run_uri.rstrip("/")
+    runs = sub_runs(run_uri)
+    if runs == [run_uri]:
+        return run_uri
+    names = {r.rstrip("/").rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1]: r for r in runs}
+    if category is None:
+        if len(names) == 1:
+            return next(iter(names.values()))
+        raise UserError(f"{run_uri} holds one model per category ({', '.join(sorted(names))}); pass --category NAME")
+    if category not in names:
+        raise UserError(f"{run_uri} has no model for category {category!r}; choose one of {', '.join(sorted(names))}")
+    return names[category]
+
+
+# -- configuration -------------------------------------------------------------------------
+def load_run_config(run_uri: str) -> RunConfig:
+    path = storage.join(run_uri, CONFIG_FILE)
+    if not storage.exists(path):
+        raise UserError(f"{path} not found: {run_uri} is not an agp run directory")
+    return RunConfig.from_yaml(storage.read_text(path), source=path)
+
+
+def write_run_config(run_uri: str, cfg: RunConfig) -> None:
+    storage.write_text(storage.join(run_uri, CONFIG_FILE), cfg.to_yaml())
+
+
+def has_run_config(run_uri: str) -> bool:
+    return storage.exists(storage.join(run_uri, CONFIG_FILE))
+
+
+def discard_if_unstarted(run_uri: str) -> bool:
+    """A run that never reached its first checkpoint keeps nothing worth resuming: remove the
+    config files written for it (the run's and its sub-runs'), so the same command (same
+    --name) can run again. A run with any checkpoint is left exactly as it is. True when the
+    run held no checkpoint."""
+    if not storage.exists(run_uri) and not storage.is_dir(run_uri):
+        return True
+    files = storage.list_files(run_uri, recursive=True)
+    if any(path.endswith("/" + CHECKPOINT_FILE) or path.endswith(os.sep + CHECKPOINT_FILE) for path in files):
+        return False
+    for path in files:
+        if path.rsplit("/", 1)[-1].rsplit(os.sep, 1)[-1] == CONFIG_FILE:
+            storage.delete(path)
+    return True
+
+
+def resume_config(run_uri: str, cli_cfg: RunConfig) -> RunConfig:
+    """The saved configuration of the run at ``run_uri``, with where-to-run from ``cli_cfg``."""
+    cfg = load_run_config(run_uri)
+    # Where to run may change on resume; what to train may not. The run may have moved:
+    # its location is where it is now.
+    cfg.cluster = cli_cfg.cluster
+    cfg.storage.s3_endpoint = cli_cfg.storage.s3_endpoint or cfg.storage.s3_endpoint
+    parent, _, name = run_uri.rstrip("/").rpartition("/")
+    cfg.storage.out, cfg.storage.name = parent, name
+    return cfg
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+@dataclass
+class LoadedCheckpoint:
+    uri: str  # the checkpoint directory
+    epoch: int
+    payload: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)  # newer checkpoints that did not load
+
+
+def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
+    """(epoch, directory) pairs, oldest first."""
+    if not storage.exists(run_uri) and not storage.is_dir(run_uri):
+        raise UserError(f"run {run_uri} does not exist; pass the directory `agpctl train` printed")
+    found: dict[int, str] = {}
+    for path in storage.list_files(run_uri, recursive=True):
+        if not path.endswith("/" + CHECKPOINT_FILE) and not path.endswith("\\" + CHECKPOINT_FILE):
+            continue
+        parent = path[: -len(CHECKPOINT_FILE) - 1]
+        match = _CHECKPOINT_DIR.search(parent)
+        if match and _same_run(run_uri, parent):
+            found[int(match.group(1))] = parent
+    return sorted(found.items())
+
+
+def _same_run(run_uri: str, checkpoint_dir: str) -> bool:
+    rest = checkpoint_dir[len(run_uri.rstrip("/")) :].strip("/\\")
+    return "/" not in rest and "\\" not in rest
+
+
+def has_checkpoint(run_uri: str) -> bool:
+    try:
+        return bool(list_checkpoints(run_uri))
+    except UserError:
+        return False
+
+
+def load_latest_checkpoint(run_uri: str) -> LoadedCheckpoint:
+    """The newest checkpoint whose file loads; half-written ones are skipped."""
+    checkpoints = list_checkpoints(run_uri)
+    if not checkpoints:
+        raise UserError(f"run {run_uri} has no checkpoint yet; train it (or resume it) first")
+    skipped = []
+    for epoch, directory in reversed(checkpoints):
+        try:
+            payload = deserialise(storage.read_bytes(storage.join(directory, CHECKPOINT_FILE)), directory)
+        except UserError:
+            skipped.append(directory)
+            continue
+        return LoadedCheckpoint(directory, epoch, payload, skipped)
+    raise UserError(f"run {run_uri}: every checkpoint is unreadable ({', '.join(skipped)}); retrain")
+
+
+# -- a trained model -----------------------------------------------------------------------
+@dataclass
+class LoadedRun:
+    uri: str
+    cfg: RunConfig
+    model: AnomalyModel
+    checkpoint: LoadedCheckpoint
+    thresholds: dict[str, Any]
+
+    def info(self) -> dict[str, Any]:
+        """What predictions record about the model that made them."""
+        return {"run": self.uri, "method": self.cfg.method, "epoch": self.checkpoint.epoch,
+                "image_size": self.cfg.model.image_size}
+
+
+def load_run(run_uri: str, device: torch.device | None = None, warn: Callable[[str], None] | None = None
+             ) -> LoadedRun:
+    """The model of one (sub-)run from its newest valid checkpoint, in eval mode; newer
+    checkpoints that do not load are skipped and named through ``warn``."""
+    run_uri = run_uri.rstrip("/")
+    cfg = load_run_config(run_uri)
+    storage.configure_s3(cfg.storage.s3_endpoint or storage.s3_endpoint())
+    loaded = load_latest_checkpoint(run_uri)
+    for skipped in loaded.skipped:
+        if warn is not None:
+            warn(f"skipped unreadable checkpoint {skipped}; using {loaded.uri} (epoch {loaded.epoch})")
+    if loaded.payload.get("method") != cfg.method:
+        raise UserError(f"{loaded.uri} was written by method {loaded.payload.get('method')!r}, config says {cfg.method!r}")
+    model = build_model(cfg, device or default_device())
+    model.load_state_dict(loaded.payload["model"])
+    model.eval()
+    return LoadedRun(run_uri, cfg, model, loaded, loaded.payload.get("thresholds") or {})
+
+
+def stored_thresholds(run_uri: str) -> dict[str, Any] | None:
+    """thresholds.json of a finished run, or None before the run finished."""
+    path = storage.join(run_uri, THRESHOLDS_FILE)
+    return read_json(path) if storage.exists(path) else None
+
+
+# -- results -------------------------------------------------------------------------------
+def write_results(run_uri: str, table: dict[str, Any], summary: dict[str, Any], thresholds: dict[str, Any]) -> None:
+    """A finished run's thresholds, summary and metrics; metrics.json last, as it marks the run finished."""
+    write_json(storage.join(run_uri, THRESHOLDS_FILE), thresholds)
+    write_json(storage.join(run_uri, SUMMARY_FILE), summary)
+    write_json(storage.join(run_uri, METRICS_FILE), {"metrics": table, "summary": summary})
+
+
+def read_metrics(run_uri: str) -> dict[str, Any]:
+    """The metrics table of a finished (sub-)run."""
+    return read_json(storage.join(run_uri, METRICS_FILE))["metrics"]
+
+
+def has_metrics(run_uri: str) -> bool:
+    return storage.exists(storage.join(run_uri, METRICS_FILE))
+
+
+def write_per_category_metrics(run_uri: str, table: dict[str, Any]) -> None:
+    write_json(storage.join(run_uri, METRICS_FILE), {"metrics": table, "summary": {"per_category": True}})
+
+
+def category_rows(table: dict[str, Any]) -> dict[str, Any]:
+    """A metrics table without its mean row."""
+    return {k: v for k, v in table.items() if k != "mean"}
+
+
+def with_mean(rows: dict[str, Any]) -> dict[str, Any]:
+    """Category rows, sorted, plus their mean (metrics undefined for a category left out)."""
+    names = sorted({k for row in rows.values() for k in row})
+    mean = {}
+    for name in names:
+        values = [row[name] for row in rows.values() if name in row and row[name] is not None and not math.isnan(row[name])]
+        mean[name] = sum(values) / len(values) if values else float("nan")
+    return {**dict(sorted(rows.items())), "mean": mean}
+
+
+# -- JSON ----------------------------------------------------------------------------------
+def write_json(uri: str, data: Any) -> None:
+    storage.write_text(uri, to_json(data) + "\n")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(storage.read_text(uri))
+
+
+def to_json(data: Any) -> str:
+    """Strict JSON: NaN (a metric undefined for a one-class category) becomes null."""
+    return json.dumps(_finite(data), indent=2, sort_keys=False, default=_json_default)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -1,0 +1,159 @@
+"""The driver of `agpctl train`: checks, writes the run's configuration, starts Ray, runs one
+Ray Train job (or one per category with ``--per-category``) and shows its progress."""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+import torch
+
+from agpctl import runs
+from agpctl.cluster.connect import Terminated, address_kind, ray_session
+from agpctl.cluster.events import make_channel
+from agpctl.cluster.trainer import make_torch_trainer, resolve_cpus_per_worker, worker_resources
+from agpctl.config import RunConfig
+from agpctl.errors import Interrupted, UserError, remote_error
+from agpctl.paths import absolute
+from agpctl.training.preflight import check_config, check_data_and_model
+from agpctl.training.progress import ProgressView
+from agpctl.training.worker import worker_loop
+
+
+def launch_training(cfg: RunConfig, *, resume: str | None = None, console=None, quiet: bool = False) -> dict[str, Any]:
+    """Runs one Ray Train job (or one per category with ``per_category``) and returns the
+    metrics table of the finished run(s)."""
+    check_config(cfg)
+    if resume:
+        run_uri = absolute(resume.rstrip("/"))
+        cfg = runs.resume_config(run_uri, cfg)
+    else:
+        cfg.storage.name = cfg.storage.name or runs.default_run_name(cfg)
+        run_uri = runs.run_uri_for(cfg.storage.out, cfg.storage.name)
+        if runs.has_run_config(run_uri):
+            raise UserError(f"run {run_uri} already exists; pass --resume {run_uri} to continue it or choose another --name")
+    if address_kind(cfg.cluster.address) == "local":
+        check_fits_this_machine(cfg)
+    view = ProgressView(console, quiet=quiet)
+    with view.task("checking images") as on_progress:  # fail fast, before Ray starts
+        splits, notes = check_data_and_model(cfg, pin_pretrained=not resume, on_progress=on_progress)
+    for note in notes:
+        view.warning(note)
+    if not splits.val:
+        view.warning(f"no held-out normal images ({len(splits.train)} training images, --val-fraction "
+                     f"{cfg.data.val_fraction}): no thresholds will be calibrated, so predict will need --threshold")
+    if not resume:
+        runs.write_run_config(run_uri, cfg)
+    view.run_started(cfg, run_uri)
+
+    categories: list[str | None] = list(splits.categories) if cfg.data.per_category else [None]
+    tables: dict[str, Any] = {}
+    try:
+        with ray_session(cfg.cluster.address):
+            for category in categories:
+                sub_cfg, sub_uri = cfg, run_uri
+                if category is not None:
+                    sub_cfg, sub_uri = runs.category_sub_run(cfg, run_uri, category)
+                    if not runs.has_run_config(sub_uri):
+                        runs.write_run_config(sub_uri, sub_cfg)
+                    elif resume and runs.has_metrics(sub_uri):
+                        tables.update(runs.category_rows(runs.read_metrics(sub_uri)))
+                        continue
+                    view.message(f"category {category}")
+                table = fit_one(sub_cfg, sub_uri, view, resumed=bool(resume) and runs.has_checkpoint(sub_uri))
+                tables.update(runs.category_rows(table) if category is not None else table)
+    except KeyboardInterrupt as exc:
+        raise interrupted(run_uri, fresh=not resume, terminated=isinstance(exc, Terminated)) from None
+    except BaseException:
+        if not resume:
+            runs.discard_if_unstarted(run_uri)  # a rerun with the same --name must not be refused
+        raise
+    if cfg.data.per_category:
+        tables = runs.with_mean(tables)
+        runs.write_per_category_metrics(run_uri, tables)
+    view.run_finished(tables, run_uri)
+    return {"run": run_uri, "metrics": tables}
+
+
+def interrupted(run_uri: str, *, fresh: bool, terminated: bool) -> Interrupted:
+    """What is left of a stopped run, and how to go on."""
+    how = "terminated (SIGTERM)" if terminated else "interrupted"
+    code = 143 if terminated else 130
+    if fresh and runs.discard_if_unstarted(run_uri):
+        return Interrupted(f"training {how} before its first checkpoint; nothing was kept, run the same command "
+                           "again to start over", code)
+    return Interrupted(f"training {how}; {run_uri} keeps its checkpoints; continue with: "
+                       f"agpctl train --resume {run_uri}", code)
+
+
+def check_fits_this_machine(cfg: RunConfig) -> None:
+    """On the embedded Ray, workers that cannot all be placed would wait forever: say so now."""
+    cpus = os.cpu_count() or 1
+    per_worker = resolve_cpus_per_worker(cfg, cpus)
+    workers = cfg.cluster.workers
+    if workers * per_worker > cpus:
+        raise UserError(f"{workers} worker(s) × {per_worker:g} CPU(s) need {workers * per_worker:g} CPUs, this "
+                        f"machine has {cpus}; lower --workers or --cpus-per-worker, or use a cluster (--address)")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if workers * cfg.cluster.gpus_per_worker > gpus:
+        raise UserError(f"{workers} worker(s) × {cfg.cluster.gpus_per_worker:g} GPU(s) need more GPUs than this "
+                        f"machine's {gpus}; lower --workers or --gpus-per-worker, or use a cluster (--address)")
+
+
+def check_fits_cluster(cfg: RunConfig, resources: dict[str, float]) -> None:
+    """Workers that need more than the whole cluster has are never placed."""
+    need = worker_resources(cfg)
+    for name, amount in need.items():
+        total = float(resources.get(name, 0.0))
+        if cfg.cluster.workers * amount > total:
+            flag = {"CPU": "--cpus-per-worker", "GPU": "--gpus-per-worker"}.get(name, name)
+            raise UserError(f"{cfg.cluster.workers} worker(s) × {amount:g} {name} need "
+                            f"{cfg.cluster.workers * amount:g}, the Ray cluster has {total:g}; "
+                            f"lower --workers or {flag}")
+
+
+def fit_one(cfg: RunConfig, run_uri: str, view: ProgressView, resumed: bool) -> dict[str, Any]:
+    """One Ray Train job for the (sub-)run at ``run_uri``; returns its metrics table."""
+    import ray  # deferred: see agpctl.cluster (ray_session has started it by now)
+
+    if cfg.cluster.cpus_per_worker is None:  # auto, resolved against the live cluster; the saved config stays auto
+        cpus = resolve_cpus_per_worker(cfg, ray.cluster_resources().get("CPU", 1.0))
+        cfg = cfg.with_overrides({"cluster.cpus_per_worker": cpus})
+    check_fits_cluster(cfg, ray.cluster_resources())
+    channel = make_channel()
+    if resumed:
+        # The worker itself continues from the run's newest valid checkpoint.
+        latest = runs.load_latest_checkpoint(run_uri)
+        for skipped in latest.skipped:
+            view.warning(f"skipped unreadable checkpoint {skipped}")
+        view.message(f"resuming from {latest.uri} (epoch {latest.epoch})")
+    trainer = make_torch_trainer(worker_loop, {"run": cfg.to_dict(), "run_uri": run_uri, "progress": channel}, cfg,
+                                 name=cfg.storage.name, storage_out=cfg.storage.out)
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # surfaced on the driver thread below
+            outcome["error"] = exc
+
+    def waiting() -> str:
+        return (f"no worker has started yet: Ray is waiting to place {cfg.cluster.workers} worker(s) with "
+                f"{worker_resources(cfg)} each; free now: {_rounded(ray.available_resources())}. "
+                "Lower --workers / --cpus-per-worker / --gpus-per-worker if this does not change")
+
+    thread = threading.Thread(target=fit, name="agp-train-fit", daemon=True)
+    thread.start()
+    view.follow(channel, thread, waiting=waiting)
+    thread.join()
+    if "error" in outcome:
+        raise remote_error(outcome["error"])
+    result = outcome["result"]
+    if getattr(result, "error", None):
+        raise remote_error(result.error)
+    return runs.read_metrics(run_uri)
+
+
+def _rounded(resources: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in resources.items() if k in ("CPU", "GPU", "memory")}
