@@ -1,8 +1,8 @@
 """``agpctl tune``: a Ray Tune sweep whose every trial is a full Ray Train run.
 
 Shape (the Ray Train V2 + Tune pattern): each Tune trial is a *function trainable* that
-builds the trial's RunConfig (the sweep's fixed config + the sampled overrides) and runs the
-same ``TorchTrainer(worker_loop)`` that ``agpctl train`` runs, with a
+builds the trial's RunConfig (the sweep's fixed config + the trial's planned values) and runs
+the same ``TorchTrainer(worker_loop)`` that ``agpctl train`` runs, with a
 ``TuneReportCallback`` forwarding every per-epoch report to Tune. The workers evaluate the
 objective after every epoch (``train.validation``: held-out normals + pseudo anomalies by
 default), so ASHA can stop weak trials early.
@@ -12,9 +12,37 @@ of Ray's logical memory keeps its placement bundle non-empty) and the Train cont
 reserves none either (Ray's default in Train V2): the CPUs go to the Train workers, which is
 what lets trials follow one another on a 2-CPU machine without deadlock.
 
-Sweep directory ``<out>/<name>/`` (local or s3://): Tune's experiment state (``--resume``),
-``sweep.json`` (the fixed config, space and settings), ``runs/<trial_id>/`` (each trial's
-complete Ray Train run), and at the end ``results.json``, ``results.csv`` and ``best.yaml``.
+The trials are planned up front, on the driver: random search draws ``--samples`` points
+from the space with a numpy generator seeded by ``train.seed``; grid search takes every
+point of the grid ``--samples`` times. Each planned trial has a stable id (``t0000``,
+``t0001``, …) and Tune runs exactly those, as a grid over the ids (``{"agp_trial": id}``).
+
+Sweep directory ``<out>/<name>/`` (local or s3://)::
+
+    sweep.json            the fixed config, the space, the settings and the planned trials
+                          ({"id": "t0003", "params": {dimension key: value}}), written once
+    trials/<id>.json      agp's record of each trial, rewritten by the driver as results come:
+                          status, epochs done, last validation metrics, per-epoch objective
+                          history, seconds, the error line
+    trials/<id>.error     the last line of a trial's exception, written by the trial; read
+                          into the record only when Tune reports that the trial failed
+    early_stopped.json    the ids ASHA stopped (tuning.schedulers)
+    runs/<id>/            each trial's complete Ray Train run (agpctl.runs; metrics.json
+                          marks it finished)
+    tune/<attempt>/       Ray Tune's own files of each run of the sweep (tuner.pkl,
+                          experiment_state-*.json, trial folders): written, never read
+    results.json, results.csv, best.yaml   at the end
+
+Why ``--resume`` never calls ``Tuner.restore``: Tune's state is pickles (``tuner.pkl``, the
+cloudpickled trials of its experiment state, error pickles), and a sweep folder may be a
+shared ``s3://`` prefix: loading a planted pickle runs its code on the machine that resumes.
+agp's state is plain JSON and is checked before use (``load_sweep_state``,
+``read_trial_records``). Resume keeps the trials that finished or that ASHA stopped and runs
+the others (interrupted, not started, failed) through a new Tuner; an interrupted trial's
+worker continues from the newest valid checkpoint of ``runs/<id>/`` by itself. The new
+ASHA starts from the recorded per-epoch objectives of the whole sweep. The live callback
+also drops Tune's in-memory reference to a failed trial's error pickle, so the ResultGrid
+that ``Tuner.fit`` builds at the end never loads one either.
 """
 
 from __future__ import annotations
@@ -23,17 +51,33 @@ import contextlib
 import csv
 import io
 import json
+import logging
 import math
 import os
+import re
+import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+from rich.live import Live
+from rich.table import Table
+
 from agp_data import storage
-from agpctl import checkpoint as ckpt
+from agp_data.errors import DataError
+from agp_models.backbones import BackboneError, check_layer_sets
+from agpctl import runs
+from agpctl.cluster.connect import address_kind, ray_session, use_token_if_available
+from agpctl.cluster.trainer import make_torch_trainer, resolve_cpus_per_worker, storage_location
 from agpctl.config import RunConfig
-from agpctl.errors import UserError
+from agpctl.console import console as default_console
+from agpctl.console import print_warning
+from agpctl.errors import UserError, remote_error
+from agpctl.tables import format_percent, metrics_table
+from agpctl.training.preflight import check_config, check_data_and_model
+from agpctl.training.worker import worker_loop
 from tuning.space import SearchSpace, parse_space
 
 OBJECTIVES = ("synthetic-val", "test")
@@ -44,8 +88,18 @@ VALIDATION_FOR_OBJECTIVE = {"synthetic-val": "synthetic", "test": "test"}
 TEST_OBJECTIVE_WARNING = ("--objective test selects hyper-parameters on the test split: the reported "
                           "test metrics of the best trial are optimistic, not an unbiased estimate")
 SWEEP_FILE = "sweep.json"
+STATE_VERSION = 2  # sweep.json with planned trials; older sweeps (Tune state only) cannot be resumed
+TRIALS_DIR, RUNS_DIR, TUNE_DIR = "trials", "runs", "tune"
 RESULTS_JSON, RESULTS_CSV, BEST_CONFIG = "results.json", "results.csv", "best.yaml"
 TRIAL_MEMORY_BYTES = 1 << 20  # the trial function's only reservation (see module docstring)
+TRIAL_KEY = "agp_trial"  # the Tune config key of agp's trial id (also tuning.schedulers.TRIAL_KEY)
+# Trial ids name files and folders: letters, digits, _ and -, nothing that leaves a folder.
+TRIAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# A record's status as the driver last saw it; "running" on disk means the driver stopped
+# while the trial ran (interrupted).
+RECORD_STATUSES = ("not started", "running", "finished", "stopped", "interrupted", "error")
+METRIC_FIELDS = ("objective", "i_auroc", "p_auroc", "pro")
+ERROR_LINE_CHARS = 300
 
 
 @dataclass
@@ -70,6 +124,297 @@ class SweepOutcome:
     wall_seconds: float = 0.0
 
 
+@dataclass
+class SweepState:
+    """A sweep as ``sweep.json`` holds it, checked."""
+    cfg: RunConfig
+    space: SearchSpace
+    settings: SweepSettings
+    plan: list[dict[str, Any]]  # [{"id": "t0000", "params": {dimension key: value}}, ...]
+    source: str
+
+
+# ---------------------------------------------------------------------------------------
+# the plan: every trial's values, drawn once on the driver
+# ---------------------------------------------------------------------------------------
+def trial_ids(count: int) -> list[str]:
+    width = max(4, len(str(max(0, count - 1))))
+    return [f"t{i:0{width}d}" for i in range(count)]
+
+
+def planned_trial_count(space: SearchSpace, settings: SweepSettings) -> int:
+    return settings.samples * (space.grid_size() if settings.search == "grid" else 1)
+
+
+def plan_trials(space: SearchSpace, settings: SweepSettings) -> list[dict[str, Any]]:
+    """The sweep's trials as plain JSON: random search draws ``settings.samples`` points with
+    a generator seeded by ``settings.seed``; grid search repeats the grid ``samples`` times."""
+    if settings.search == "grid":
+        points = [dict(point) for _ in range(settings.samples) for point in space.grid()]
+    else:
+        rng = np.random.default_rng(settings.seed % (1 << 64))
+        points = [space.sample(rng) for _ in range(settings.samples)]
+    return [{"id": trial_id, "params": point} for trial_id, point in zip(trial_ids(len(points)), points)]
+
+
+def sweep_state_json(cfg: RunConfig, space: SearchSpace, settings: SweepSettings,
+                     plan: list[dict[str, Any]]) -> str:
+    return json.dumps({
+        "version": STATE_VERSION, "base": cfg.to_dict(), "space": _space_raw(space), "settings": asdict(settings),
+        "trials": plan, "created": datetime.now().isoformat(timespec="seconds"),
+    }, indent=2)
+
+
+def load_sweep_state(sweep_uri: str) -> SweepState:
+    """``sweep.json`` of ``sweep_uri``, read as JSON and checked: the base config builds, the
+    space parses for its method, the settings are valid and every planned trial is a point
+    of the space. Anything else is one UserError naming the file."""
+    path = storage.join(sweep_uri, SWEEP_FILE)
+    if not storage.exists(path):
+        raise UserError(f"{sweep_uri} is not a sweep directory (no {SWEEP_FILE}); pass the folder agpctl tune printed")
+    fix = "restore the file, or start a new sweep with agpctl tune"
+    saved = _read_json(path, fix)
+    if not isinstance(saved, dict):
+        raise UserError(f"{path}: expected a JSON object; {fix}")
+    if "trials" not in saved and "version" not in saved and "base" in saved:
+        raise UserError(f"{path}: written by an older agpctl that kept no plan of the trials; it cannot be resumed "
+                        "(that would load Ray Tune's pickled state); start a new sweep with agpctl tune")
+    if saved.get("version") != STATE_VERSION:
+        raise UserError(f"{path}: unknown sweep state version {saved.get('version')!r} (expected {STATE_VERSION}); {fix}")
+    for key, kind in (("base", dict), ("space", dict), ("settings", dict), ("trials", list)):
+        if not isinstance(saved.get(key), kind):
+            raise UserError(f"{path}: {key!r} must be a JSON {'object' if kind is dict else 'list'}; {fix}")
+    try:
+        cfg = RunConfig.from_dict(saved["base"], f"{path}: base")
+    except UserError as exc:
+        raise exc if path in str(exc) else UserError(f"{path}: base: {exc}") from None
+    except Exception as exc:  # a shape from_dict does not expect: still one line
+        raise UserError(f"{path}: base: not a run configuration ({exc.__class__.__name__}: {exc}); {fix}") from None
+    space = parse_space(saved["space"], cfg.method, f"{path}: space")
+    settings = _settings_from_json(saved["settings"], f"{path}: settings")
+    try:
+        validate_settings(settings, space)
+    except UserError as exc:
+        raise UserError(f"{path}: settings: {exc}") from None
+    plan = []
+    for index, trial in enumerate(saved["trials"]):
+        where = f"{path}: trials[{index}]"
+        if not isinstance(trial, dict) or set(trial) != {"id", "params"}:
+            raise UserError(f"{where}: expected {{\"id\": ..., \"params\": {{...}}}}; {fix}")
+        if not isinstance(trial["id"], str) or not TRIAL_ID.fullmatch(trial["id"]):
+            raise UserError(f"{where}: bad trial id {trial['id']!r} (letters, digits, _ and - only); {fix}")
+        space.check_point(trial["params"], where)
+        plan.append({"id": trial["id"], "params": dict(trial["params"])})
+    ids = [t["id"] for t in plan]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"{path}: trial ids repeat; {fix}")
+    if len(plan) != planned_trial_count(space, settings):
+        raise UserError(f"{path}: {len(plan)} planned trial(s), but the settings make "
+                        f"{planned_trial_count(space, settings)}; {fix}")
+    return SweepState(cfg=cfg, space=space, settings=settings, plan=plan, source=path)
+
+
+def _read_json(uri: str, fix: str) -> Any:
+    """JSON (only ever JSON: agp's state is never unpickled) or one UserError naming the file."""
+    try:
+        return json.loads(storage.read_text(uri))
+    except (DataError, UnicodeDecodeError, ValueError):
+        raise UserError(f"{uri}: not valid JSON; {fix}") from None
+
+
+def _settings_from_json(raw: dict[str, Any], where: str) -> SweepSettings:
+    known = {f.name for f in fields(SweepSettings)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise UserError(f"{where}: unknown setting(s) {', '.join(unknown)}")
+    for name, value in raw.items():
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if name in ("scheduler", "search", "objective"):
+            ok = isinstance(value, str)
+        elif name == "max_concurrent":
+            ok = value is None or is_int
+        else:
+            ok = is_int
+        if not ok:
+            raise UserError(f"{where}: {name} = {value!r} has the wrong type")
+    return SweepSettings(**raw)
+
+
+# ---------------------------------------------------------------------------------------
+# agp's trial records (plain JSON, one file per trial)
+# ---------------------------------------------------------------------------------------
+def trial_record_uri(sweep_uri: str, trial_id: str) -> str:
+    return storage.join(sweep_uri, TRIALS_DIR, f"{trial_id}.json")
+
+
+def trial_error_uri(sweep_uri: str, trial_id: str) -> str:
+    return storage.join(sweep_uri, TRIALS_DIR, f"{trial_id}.error")
+
+
+def new_record(trial_id: str) -> dict[str, Any]:
+    return {"id": trial_id, "status": "not started", "epochs": 0, "final": False,
+            **{name: None for name in METRIC_FIELDS}, "history": [], "seconds": None, "error": None, "attempts": 0}
+
+
+def write_trial_record(sweep_uri: str, record: dict[str, Any]) -> None:
+    storage.write_text(trial_record_uri(sweep_uri, record["id"]), runs.to_json(record) + "\n")
+
+
+def check_trial_record(raw: Any, trial_id: str, where: str) -> dict[str, Any]:
+    """A trial record read from JSON, with its types checked (missing fields take their
+    defaults); UserError naming ``where`` otherwise."""
+    fix = "delete the file to run that trial again"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: expected a JSON object; {fix}")
+    record = new_record(trial_id)
+    record.update({k: v for k, v in raw.items() if k in record})
+
+    def number(value: Any) -> bool:
+        return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    problems = []
+    if record["id"] != trial_id:
+        problems.append(f"id {record['id']!r} is not {trial_id!r}")
+    if record["status"] not in RECORD_STATUSES:
+        problems.append(f"status {record['status']!r} is not one of {', '.join(RECORD_STATUSES)}")
+    if not count(record["epochs"]) or not count(record["attempts"]):
+        problems.append("epochs and attempts must be counts")
+    if not isinstance(record["final"], bool):
+        problems.append("final must be true or false")
+    if not all(number(record[name]) for name in (*METRIC_FIELDS, "seconds")):
+        problems.append(f"{', '.join(METRIC_FIELDS)} and seconds must be numbers or null")
+    if record["error"] is not None and not isinstance(record["error"], str):
+        problems.append("error must be text or null")
+    history = record["history"]
+    if not isinstance(history, list) or not all(
+            isinstance(p, list) and len(p) == 2 and count(p[0]) and number(p[1]) and p[1] is not None for p in history):
+        problems.append("history must be a list of [epoch, objective] pairs")
+    if problems:
+        raise UserError(f"{where}: {'; '.join(problems)}; {fix}")
+    for name in (*METRIC_FIELDS, "seconds"):
+        record[name] = _number(record[name])
+    record["history"] = [[int(e), float(v)] for e, v in history if _number(v) is not None]
+    return record
+
+
+def read_trial_records(sweep_uri: str, ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The record of every planned trial (a trial without a file never started)."""
+    records = {}
+    for trial_id in ids:
+        uri = trial_record_uri(sweep_uri, trial_id)
+        if not storage.exists(uri):
+            records[trial_id] = new_record(trial_id)
+            continue
+        records[trial_id] = check_trial_record(_read_json(uri, "delete the file to run that trial again"), trial_id, uri)
+    return records
+
+
+def read_trial_error(sweep_uri: str, trial_id: str) -> str | None:
+    uri = trial_error_uri(sweep_uri, trial_id)
+    try:
+        if not storage.exists(uri):
+            return None
+        text = storage.read_text(uri).strip()
+    except (OSError, UnicodeDecodeError, UserError, DataError):
+        return None
+    return text.splitlines()[-1][:ERROR_LINE_CHARS] if text else None
+
+
+def error_line(exc: BaseException) -> str:
+    """The last line of an exception (where Ray puts the remote exception itself)."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return (lines[-1].strip() if lines else exc.__class__.__name__)[:ERROR_LINE_CHARS]
+
+
+class TrialRecorder:
+    """The driver's side of the records: updated from Tune's callbacks, written at once."""
+
+    def __init__(self, sweep_uri: str, records: dict[str, dict[str, Any]], s3_endpoint: str | None = None) -> None:
+        self.sweep_uri = sweep_uri
+        self.records = {trial_id: dict(record) for trial_id, record in records.items()}
+        self.s3_endpoint = s3_endpoint
+        self._seconds_before = {trial_id: r.get("seconds") or 0.0 for trial_id, r in self.records.items()}
+
+    def record(self, trial_id: str) -> dict[str, Any]:
+        return self.records.setdefault(trial_id, new_record(trial_id))
+
+    def started(self, trial_id: str) -> dict[str, Any]:
+        record = self.record(trial_id)
+        # A trial that runs again proves itself again: its final report, its run's metrics.json.
+        record.update(status="running", final=False, error=None, attempts=record["attempts"] + 1)
+        self._seconds_before[trial_id] = record.get("seconds") or 0.0
+        return self._write(record)
+
+    def result(self, trial_id: str, result: dict[str, Any]) -> dict[str, Any]:
+        record = self.record(trial_id)
+        record["status"] = "running"
+        epoch = result.get("epoch")
+        if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
+            record["epochs"] = max(record["epochs"], int(epoch))
+        if result.get("final"):
+            record["final"] = True
+        for name in METRIC_FIELDS:
+            value = _number(result.get(f"val/{name}"))
+            if value is not None:
+                record[name] = value
+        objective = _number(result.get(METRIC))
+        if objective is not None and isinstance(epoch, (int, float)):
+            history = {e: v for e, v in record["history"]}
+            history[int(epoch)] = objective
+            record["history"] = [[e, history[e]] for e in sorted(history)]
+        seconds = _number(result.get("time_total_s"))
+        if seconds is not None:
+            record["seconds"] = self._seconds_before.get(trial_id, 0.0) + seconds
+        return self._write(record)
+
+    def completed(self, trial_id: str, early_stopped: bool) -> dict[str, Any]:
+        record = self.record(trial_id)
+        record["status"] = trial_status(False, record["final"], early_stopped, record["epochs"])
+        return self._write(record)
+
+    def errored(self, trial_id: str, error: str | None) -> dict[str, Any]:
+        record = self.record(trial_id)
+        record.update(status="error", error=error or "the trial's process failed without an error message "
+                                                     f"(see Ray's logs and {storage.join(self.sweep_uri, TUNE_DIR)})")
+        return self._write(record)
+
+    def _write(self, record: dict[str, Any]) -> dict[str, Any]:
+        write_trial_record(self.sweep_uri, record)
+        return record
+
+
+def trial_outcome(record: dict[str, Any], run_finished: bool, early_stopped: bool) -> str:
+    """A trial's status from its record: finished needs the final report *and* the run's
+    metrics.json; stopped means ASHA stopped it (early_stopped.json or the record)."""
+    final = bool(record.get("final")) and run_finished
+    return trial_status(error=record.get("status") == "error" and not final, final=final,
+                        early_stopped=early_stopped or record.get("status") == "stopped",
+                        epochs_done=int(record.get("epochs") or 0))
+
+
+def finished_runs(runs_uri: str, records: dict[str, dict[str, Any]]) -> set[str]:
+    """Ids of the trials whose final report was recorded and whose run wrote metrics.json."""
+    return {trial_id for trial_id, record in records.items()
+            if record.get("final") and runs.has_metrics(storage.join(runs_uri, trial_id))}
+
+
+def trials_to_run(plan: list[dict[str, Any]], records: dict[str, dict[str, Any]], early_stopped: set[str],
+                  finished: set[str]) -> list[str]:
+    """What ``--resume`` runs: every planned trial that neither finished nor was stopped by
+    ASHA (interrupted, not started, failed), in plan order."""
+    todo = []
+    for trial in plan:
+        trial_id = trial["id"]
+        outcome = trial_outcome(records.get(trial_id) or new_record(trial_id), trial_id in finished,
+                                trial_id in early_stopped)
+        if outcome not in ("finished", "stopped"):
+            todo.append(trial_id)
+    return todo
+
+
 # ---------------------------------------------------------------------------------------
 # the trial (runs inside a Tune actor)
 # ---------------------------------------------------------------------------------------
@@ -81,44 +426,32 @@ def trial_config(base: dict[str, Any], space: SearchSpace, sampled: dict[str, An
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], space_raw: dict[str, Any], method: str,
-              runs_uri: str) -> None:
-    """Tune function trainable: one full Ray Train run of the trial's config."""
-    import ray.train
-    import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from agpctl.train import _worker_env, _worker_resources, storage_location, worker_loop
+              sweep_uri: str, points: dict[str, dict[str, Any]]) -> None:
+    """Tune function trainable: one full Ray Train run of the planned trial ``config[TRIAL_KEY]``
+    in ``runs/<trial id>/``."""
+    from ray.tune.integration.ray_train import TuneReportCallback  # deferred: see agpctl.cluster
 
     storage.configure_s3(base.get("storage", {}).get("s3_endpoint"))
     space = parse_space(space_raw, method, "sweep space")
-    trial_id = ray.tune.get_context().get_trial_id()
-    cfg = trial_config(base, space, config["params"], runs_uri, trial_id)
-    run_uri = storage.join(runs_uri, trial_id)
-    if not storage.exists(storage.join(run_uri, ckpt.CONFIG_FILE)):
-        storage.write_text(storage.join(run_uri, ckpt.CONFIG_FILE), cfg.to_yaml())
-    fs, storage_path = storage_location(runs_uri)
-    # No resume_from_checkpoint (Train V2 rejects it): a trial restarted by --resume finds
-    # its run's latest checkpoint itself (agpctl.train.worker_loop reads the run directory).
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config={"run": cfg.to_dict(), "run_uri": run_uri},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.workers,
-            use_gpu=cfg.cluster.gpus_per_worker > 0,
-            resources_per_worker=_worker_resources(cfg),
-        ),
-        run_config=ray.train.RunConfig(
-            name=trial_id,
-            storage_path=storage_path,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=max(1, cfg.train.keep_checkpoints)),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.cluster.max_failures),
-            worker_runtime_env=_worker_env(cfg),
-            callbacks=[TuneReportCallback()],
-        ),
-    )
-    trainer.fit()
+    trial_id = config[TRIAL_KEY]
+    runs_uri = storage.join(sweep_uri, RUNS_DIR)
+    error_uri = trial_error_uri(sweep_uri, trial_id)
+    storage.delete(error_uri)  # an earlier attempt's
+    try:
+        cfg = trial_config(base, space, points[trial_id], runs_uri, trial_id)
+        run_uri = storage.join(runs_uri, trial_id)
+        if not runs.has_run_config(run_uri):
+            runs.write_run_config(run_uri, cfg)
+        # A trial run again by --resume finds its run's latest checkpoint itself (the worker
+        # loop reads the run directory).
+        trainer = make_torch_trainer(worker_loop, {"run": cfg.to_dict(), "run_uri": run_uri}, cfg, name=trial_id,
+                                     storage_out=runs_uri, callbacks=[TuneReportCallback()])
+        trainer.fit()
+    except Exception as exc:
+        # The driver records this line (Tune's own error files are never read).
+        with contextlib.suppress(Exception):
+            storage.write_text(error_uri, error_line(exc) + "\n")
+        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -142,7 +475,7 @@ def validate_settings(settings: SweepSettings, space: SearchSpace) -> None:
     if settings.grace_period < 1:
         raise UserError("--grace-period must be at least 1 epoch")
     if settings.search == "grid":
-        space.tune_domains("grid")  # raises for non-choice dimensions
+        space.grid()  # raises for non-choice dimensions
 
 
 def space_layer_sets(space: SearchSpace) -> list[list[int]]:
@@ -159,8 +492,6 @@ def space_layer_sets(space: SearchSpace) -> list[list[int]]:
 def check_space_fits_backbone(space: SearchSpace, cfg: RunConfig) -> None:
     """Layer sets of the space that the run's backbone does not have fail here, in one line,
     instead of as errored trials (the default AGPNet space varies ViT blocks, for example)."""
-    from agp_models.backbones import BackboneError, check_layer_sets
-
     sets = space_layer_sets(space)
     if not sets or any(p.startswith("model.backbone") for d in space.dimensions for p in d.paths()):
         return
@@ -186,26 +517,21 @@ def default_max_concurrent(cfg: RunConfig, resources: dict[str, float]) -> int:
 def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepSettings | None, *,
               resume: str | None = None, console=None, quiet: bool = False) -> SweepOutcome:
     """Runs (or, with ``resume``, continues) a sweep and writes its results."""
-    from agpctl.train import _absolute_local_paths, _validate, resolve_cpus_per_worker, resolve_pretrained, storage_location
-    from agpctl.data_setup import split_samples
-
-    from agpctl.cluster import address_kind, use_token_if_available
-
     if cfg is not None and address_kind(cfg.cluster.address) != "local":  # tune_cli always passes cfg, resume too
-        use_token_if_available()  # before anything imports Ray (grid domains do): Ray reads its auth mode once
+        use_token_if_available()  # before anything imports Ray: Ray reads its auth mode once
     started = time.perf_counter()
     warnings_seen: list[str] = []
     if resume:
+        # Only agp's JSON is read here; Tune's files in the folder are never loaded.
         sweep_uri = resume.rstrip("/")
-        saved_file = storage.join(sweep_uri, SWEEP_FILE)
-        if not storage.exists(saved_file):
-            raise UserError(f"{sweep_uri} is not a sweep directory (no {SWEEP_FILE}); pass the folder agpctl tune printed")
-        saved = json.loads(storage.read_text(saved_file))
+        sweep_uri = sweep_uri if storage.is_s3(sweep_uri) else os.path.abspath(sweep_uri)
+        cli_endpoint = cfg.storage.s3_endpoint if cfg is not None else None
+        storage.configure_s3(cli_endpoint)
+        state = load_sweep_state(sweep_uri)
         address = cfg.cluster.address if cfg is not None else None
-        cfg = RunConfig.from_dict(saved["base"], saved_file)
-        cfg.cluster.address = address
-        space = parse_space(saved["space"], cfg.method, saved_file)
-        settings = SweepSettings(**saved["settings"])
+        cfg, space, settings, plan = state.cfg, state.space, state.settings, state.plan
+        cfg.cluster.address = address  # where to run may change on resume; what to run may not
+        cfg.storage.s3_endpoint = cli_endpoint or cfg.storage.s3_endpoint
     else:
         assert cfg is not None and space is not None and settings is not None
         storage.configure_s3(cfg.storage.s3_endpoint)
@@ -213,41 +539,63 @@ def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepS
         if space.method != cfg.method:
             raise UserError(f"the search space is for {space.method} but --method is {cfg.method}")
         cfg.train.validation = VALIDATION_FOR_OBJECTIVE[settings.objective]
-        _validate(cfg)
-        _absolute_local_paths(cfg)
+        check_config(cfg)
         # An existing sweep is the first thing to report: nothing else matters if it would be overwritten.
         name = cfg.storage.name or default_sweep_name(cfg)
         out = cfg.storage.out if storage.is_s3(cfg.storage.out) else os.path.abspath(cfg.storage.out)
         sweep_uri = storage.join(out, name)
         if storage.exists(storage.join(sweep_uri, SWEEP_FILE)):
             raise UserError(f"sweep {sweep_uri} already exists; pass --resume {sweep_uri} to continue it or choose another --name")
-        splits = split_samples(cfg.data, cfg.train.seed)  # data mistakes fail before Ray starts
+        check_space_fits_backbone(space, cfg)
+        splits, notes = check_data_and_model(cfg)  # data and backbone mistakes fail before Ray starts
         if settings.objective == "synthetic-val" and not splits.val:
             raise UserError(f"no held-out normal images for the synthetic validation (--val-fraction "
                             f"{cfg.data.val_fraction} of {len(splits.train)} training images); raise --val-fraction")
-        check_space_fits_backbone(space, cfg)
-        warnings_seen += resolve_pretrained(cfg)
+        warnings_seen += notes
         cfg.storage.out, cfg.storage.name = out, name
-        storage.write_text(storage.join(sweep_uri, SWEEP_FILE), json.dumps({
-            "base": cfg.to_dict(), "space": _space_raw(space), "settings": asdict(settings),
-            "created": datetime.now().isoformat(timespec="seconds"),
-        }, indent=2))
+        plan = plan_trials(space, settings)
+        storage.write_text(storage.join(sweep_uri, SWEEP_FILE), sweep_state_json(cfg, space, settings, plan))
     storage.configure_s3(cfg.storage.s3_endpoint)
     if settings.objective == "test":
         warnings_seen.append(TEST_OBJECTIVE_WARNING)
-    view = SweepView(console, space, sweep_uri, quiet=quiet, objective=settings.objective)
+    runs_uri = storage.join(sweep_uri, RUNS_DIR)
+    points = {trial["id"]: trial["params"] for trial in plan}
+    records = read_trial_records(sweep_uri, list(points)) if resume else {i: new_record(i) for i in points}
+    early_stopped = read_early_stopped(sweep_uri, strict=True) if resume else set()
+    todo = trials_to_run(plan, records, early_stopped, finished_runs(runs_uri, records))
+
+    view = SweepView(console, space, sweep_uri, quiet=quiet, objective=settings.objective, points=points)
     for note in warnings_seen:
         view.warning(note)
     view.message(f"sweep [cyan]{sweep_uri}[/]: {cfg.method} on {cfg.data.dataset}, "
                  f"{settings.samples if settings.search == 'random' else f'{space.grid_size()}×{settings.samples}'} trial(s), "
                  f"{cfg.train.epochs} epoch(s) each, {settings.scheduler}, objective {settings.objective}")
+    if resume:
+        view.message(f"resuming: {len(todo)} of {len(plan)} trial(s) to run"
+                     + (f" ({', '.join(todo[:8])}{', …' if len(todo) > 8 else ''})" if todo else ""))
+    if todo:
+        _run_trials(cfg, space, settings, sweep_uri, [t for t in plan if t["id"] in set(todo)], records, view)
+        records = read_trial_records(sweep_uri, list(points))
+        early_stopped = read_early_stopped(sweep_uri)
+    trials = collect_trials(plan, records, space, runs_uri, early_stopped, finished_runs(runs_uri, records))
+    outcome = summarise(cfg, space, settings, sweep_uri, trials, warnings_seen)
+    outcome.wall_seconds = time.perf_counter() - started
+    view.finished(outcome)
+    return outcome
 
-    from ray import tune
 
-    from agpctl.cluster import ray_session
+def read_early_stopped(sweep_uri: str, strict: bool = False) -> set[str]:
+    from tuning.schedulers import read_early_stopped as read  # deferred: imports Ray (see agpctl.cluster)
 
-    runs_uri = storage.join(sweep_uri, "runs")
-    parent, _, name = sweep_uri.rpartition("/")
+    return read(sweep_uri, strict=strict)
+
+
+def _run_trials(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep_uri: str,
+                todo: list[dict[str, Any]], records: dict[str, dict[str, Any]], view: SweepView) -> None:
+    """One Tune run over the planned trials ``todo`` (a grid over their ids), recording
+    every trial's progress in agp's records."""
+    from ray import tune  # deferred: after the token set-up (see agpctl.cluster)
+
     with _sweep_ray(cfg.cluster.address), ray_session(cfg.cluster.address) as ray:
         max_concurrent = settings.max_concurrent or default_max_concurrent(cfg, ray.cluster_resources())
         trial_base = cfg
@@ -256,42 +604,42 @@ def run_sweep(cfg: RunConfig | None, space: SearchSpace | None, settings: SweepS
                 cfg, ray.cluster_resources().get("CPU", 1.0), concurrent_runs=max_concurrent)})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=trial_base.to_dict(), space_raw=_space_raw(space), method=cfg.method,
-                                 runs_uri=runs_uri),
+                                 sweep_uri=sweep_uri, points={t["id"]: t["params"] for t in todo}),
             {"CPU": 0, "memory": TRIAL_MEMORY_BYTES},
         )
-        fs, storage_path = storage_location(parent)
-        if resume:
-            tuner = tune.Tuner.restore(sweep_uri if storage.is_s3(sweep_uri) else os.path.abspath(sweep_uri),
-                                       trainable=trainable, resume_unfinished=True, resume_errored=True,
-                                       storage_filesystem=fs)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space={"params": space.tune_domains(settings.search)},
-                tune_config=tune.TuneConfig(
-                    metric=METRIC, mode="max", num_samples=settings.samples,
-                    scheduler=_scheduler(settings, cfg.train.epochs, sweep_uri),
-                    search_alg=_search_alg(settings, max_concurrent),
-                ),
-                run_config=tune.RunConfig(
-                    name=name, storage_path=storage_path, storage_filesystem=fs, verbose=0,
-                    callbacks=[view.callback()],
-                ),
-            )
+        fs, storage_path = storage_location(storage.join(sweep_uri, TUNE_DIR))
+        recorder = TrialRecorder(sweep_uri, records, cfg.storage.s3_endpoint)
+        history = {i: [(e, v) for e, v in r["history"]] for i, r in records.items() if r["history"]}
+        tuner = tune.Tuner(
+            trainable,
+            param_space={TRIAL_KEY: tune.grid_search([t["id"] for t in todo])},
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", num_samples=1,
+                scheduler=_scheduler(settings, cfg.train.epochs, sweep_uri, history),
+                search_alg=_search_alg(max_concurrent),
+            ),
+            run_config=tune.RunConfig(
+                name=_attempt_name(sweep_uri), storage_path=storage_path, storage_filesystem=fs, verbose=0,
+                callbacks=[_sweep_callback(recorder, view)],
+            ),
+        )
         view.message(f"{max_concurrent} trial(s) at a time")
         # Tune's newer console output prints its own boxes whatever the verbosity; the
         # classic output with verbose=0 is silent, leaving the terminal to our live table
         # (and stdout to --json).
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         with view.live():
-            grid = tuner.fit()
-        from tuning.schedulers import read_early_stopped
+            tuner.fit()  # the ResultGrid is not used: agp's records are the results
 
-        trials = collect_trials(grid, space, runs_uri, early_stopped=read_early_stopped(sweep_uri))
-    outcome = summarise(cfg, space, settings, sweep_uri, trials, warnings_seen)
-    outcome.wall_seconds = time.perf_counter() - started
-    view.finished(outcome)
-    return outcome
+
+def _attempt_name(sweep_uri: str) -> str:
+    """A fresh folder under tune/ for this run of the sweep."""
+    base = datetime.now().strftime("%Y%m%d-%H%M%S")
+    name, n = base, 1
+    while storage.exists(storage.join(sweep_uri, TUNE_DIR, name)):
+        n += 1
+        name = f"{base}-{n}"
+    return name
 
 
 @contextlib.contextmanager
@@ -305,16 +653,11 @@ def _sweep_ray(address: str | None):
     and the stopped trial's CPUs are never released. So the embedded instance gets a
     known dashboard port and every worker is told it. Remote clusters are left alone.
     """
-    import ray
-
-    from agpctl.cluster import address_kind
+    import ray  # deferred: see agpctl.cluster
 
     if address_kind(address) != "local" or ray.is_initialized():
         yield
         return
-    import logging
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -329,8 +672,9 @@ def _sweep_ray(address: str | None):
         ray.shutdown()
 
 
-def _scheduler(settings: SweepSettings, epochs: int, sweep_uri: str):
-    from ray.tune.schedulers import FIFOScheduler
+def _scheduler(settings: SweepSettings, epochs: int, sweep_uri: str,
+               history: dict[str, list[tuple[int, float]]] | None = None):
+    from ray.tune.schedulers import FIFOScheduler  # deferred: see agpctl.cluster
 
     from tuning.schedulers import RecordingASHA
 
@@ -338,16 +682,17 @@ def _scheduler(settings: SweepSettings, epochs: int, sweep_uri: str):
         return FIFOScheduler()
     # max_t one past the last epoch: reaching max_t makes ASHA stop a trial at once, and the
     # last epoch must still reach its final report (test evaluation, metrics.json).
-    return RecordingASHA(sweep_uri=sweep_uri, time_attr="epoch", max_t=max(1, epochs) + 1, grace_period=min(settings.grace_period, max(1, epochs)),
+    return RecordingASHA(sweep_uri=sweep_uri, history=history, time_attr="epoch", max_t=max(1, epochs) + 1,
+                         grace_period=min(settings.grace_period, max(1, epochs)),
                          reduction_factor=max(2, settings.reduction_factor))
 
 
-def _search_alg(settings: SweepSettings, max_concurrent: int):
-    from ray.tune.search import BasicVariantGenerator
+def _search_alg(max_concurrent: int):
+    from ray.tune.search import BasicVariantGenerator  # deferred: see agpctl.cluster
 
-    # BasicVariantGenerator does random sampling and grid expansion alike; seeded so a
-    # sweep's trial list is reproducible.
-    return BasicVariantGenerator(random_state=settings.seed, max_concurrent=max_concurrent)
+    # The values are planned already (plan_trials): Tune only expands the grid of trial ids,
+    # in plan order, at most max_concurrent at a time.
+    return BasicVariantGenerator(max_concurrent=max_concurrent)
 
 
 def _space_raw(space: SearchSpace) -> dict[str, Any]:
@@ -373,38 +718,32 @@ def trial_status(error: bool, final: bool, early_stopped: bool, epochs_done: int
 
 
 def unfinished_trials(trials: list[dict[str, Any]]) -> list[str]:
-    """Trials that ``--resume`` would continue."""
+    """Trials that ``--resume`` would continue (it also runs failed ones again)."""
     return [t["trial"] for t in trials if t["status"] in ("interrupted", "not started")]
 
 
-def collect_trials(grid, space: SearchSpace, runs_uri: str, early_stopped: set[str] | None = None
-                   ) -> list[dict[str, Any]]:
-    """One row per trial: parameters, status, epochs, last validation metrics."""
+def collect_trials(plan: list[dict[str, Any]], records: dict[str, dict[str, Any]], space: SearchSpace, runs_uri: str,
+                   early_stopped: set[str] | None = None, finished: set[str] | None = None) -> list[dict[str, Any]]:
+    """One row per planned trial, from agp's records and the run directories: parameters,
+    status, epochs, last validation metrics."""
     early_stopped = early_stopped or set()
+    finished = finished or set()
     rows = []
-    for result in grid:
-        config = (result.config or {}).get("params", {})
-        metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
-        try:
-            params = space.overrides(config) if config else {}
-        except (KeyError, IndexError, ValueError):
-            params = {}
-        history = result.metrics_dataframe
-        epochs_done = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
+    for trial in plan:
+        trial_id = trial["id"]
+        record = records.get(trial_id) or new_record(trial_id)
+        status = trial_outcome(record, trial_id in finished, trial_id in early_stopped)
         row = {
             "trial": trial_id,
-            "status": trial_status(bool(result.error), bool(metrics.get("final")), trial_id in early_stopped,
-                                   epochs_done),
-            "epochs": epochs_done,
-            "objective": _number(metrics.get(METRIC)),
-            **{k.split("/", 1)[1]: _number(metrics.get(k)) for k in ("val/i_auroc", "val/p_auroc", "val/pro")},
-            "params": params,
-            "run": storage.join(runs_uri, trial_id) if trial_id else None,
-            "seconds": _number(metrics.get("time_total_s")),
+            "status": status,
+            "epochs": int(record.get("epochs") or 0),
+            **{name: _number(record.get(name)) for name in METRIC_FIELDS},
+            "params": space.overrides(trial["params"]),
+            "run": storage.join(runs_uri, trial_id),
+            "seconds": _number(record.get("seconds")),
         }
-        if result.error:
-            row["error"] = str(result.error).strip().splitlines()[-1][:300] if str(result.error).strip() else type(result.error).__name__
+        if status == "error":
+            row["error"] = record.get("error") or "failed"
         rows.append(row)
     return sort_trials(rows)
 
@@ -428,8 +767,6 @@ def pick_best(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def summarise(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep_uri: str,
               trials: list[dict[str, Any]], warnings_seen: list[str]) -> SweepOutcome:
-    from agpctl.train import _training_error
-
     best = pick_best(trials)
     if best is None:
         errors = [t.get("error") for t in trials if t.get("error")]
@@ -437,12 +774,12 @@ def summarise(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep
             raise UserError(f"the sweep was interrupted before any trial reported {METRIC}; "
                             f"continue it with: agpctl tune --resume {sweep_uri}")
         if errors:
-            known = _training_error(RuntimeError(errors[0]))
+            known = remote_error(RuntimeError(errors[0]))
             raise known if isinstance(known, UserError) else UserError(
                 f"every trial failed; first error: {errors[0]} (trial logs under {sweep_uri})")
         raise UserError(f"no trial reported {METRIC}; see {sweep_uri}")
     best_config_uri = storage.join(sweep_uri, BEST_CONFIG)
-    best_cfg = ckpt.load_run_config(best["run"])
+    best_cfg = runs.load_run_config(best["run"])
     # A plain training config: written where the sweep's --out pointed, under a fresh name,
     # with the validation mode the user asked for (per-epoch validation was the sweep's).
     best_cfg.storage.out = cfg.storage.out
@@ -450,9 +787,8 @@ def summarise(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep
     best_cfg.train.validation = "none"
     storage.write_text(best_config_uri, best_cfg.to_yaml())
     test_metrics = None
-    metrics_file = storage.join(best["run"], ckpt.METRICS_FILE)
-    if storage.exists(metrics_file):
-        test_metrics = ckpt.read_json(metrics_file)["metrics"].get("mean")
+    if runs.has_metrics(best["run"]):
+        test_metrics = runs.read_metrics(best["run"]).get("mean")
     best = {**best, "test": test_metrics}
     summary = {
         "sweep": sweep_uri,
@@ -473,7 +809,7 @@ def summarise(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep
         "best_config": best_config_uri,
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
-    storage.write_text(storage.join(sweep_uri, RESULTS_JSON), ckpt.to_json({"summary": summary, "trials": trials}))
+    storage.write_text(storage.join(sweep_uri, RESULTS_JSON), runs.to_json({"summary": summary, "trials": trials}))
     storage.write_text(storage.join(sweep_uri, RESULTS_CSV), trials_csv(trials))
     return SweepOutcome(sweep_uri=sweep_uri, trials=trials, best=best, best_config_uri=best_config_uri,
                         warnings=warnings_seen)
@@ -509,15 +845,6 @@ def _number(value: Any) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _trial_id_from_path(path: str | None) -> str | None:
-    if not path:
-        return None
-    base = path.rstrip("/").rsplit("/", 1)[-1]
-    # Tune names trial folders <trainable>_<trial_id>_<index>_<params>_<date>
-    parts = base.split("_")
-    return parts[2] if len(parts) > 2 else base
-
-
 # ---------------------------------------------------------------------------------------
 # output
 # ---------------------------------------------------------------------------------------
@@ -525,14 +852,13 @@ class SweepView:
     """A live rich table of trials while the sweep runs, the sorted table at the end."""
 
     def __init__(self, console, space: SearchSpace, sweep_uri: str, quiet: bool = False,
-                 objective: str = "synthetic-val") -> None:
-        from agpctl.console import console as default_console
-
+                 objective: str = "synthetic-val", points: dict[str, dict[str, Any]] | None = None) -> None:
         self.console = console or default_console
         self.space = space
         self.sweep_uri = sweep_uri
         self.quiet = quiet
         self.objective = objective
+        self.points = points or {}  # agp trial id -> planned values
         self.rows: dict[str, dict[str, Any]] = {}
         self._live = None
 
@@ -541,35 +867,24 @@ class SweepView:
             self.console.print(text)
 
     def warning(self, text: str) -> None:
-        from agpctl.console import print_warning
-
         print_warning(text)
 
-    def callback(self):
-        return _live_trials_callback(self)
-
-    def update(self, trial, status: str, result: dict[str, Any] | None = None) -> None:
-        row = self.rows.setdefault(trial.trial_id, {"trial": trial.trial_id})
+    def update(self, trial_id: str, status: str, record: dict[str, Any] | None = None) -> None:
+        row = self.rows.setdefault(trial_id, {"trial": trial_id})
         row["status"] = status
         try:
-            row["params"] = self.space.overrides(trial.config.get("params", {}))
-        except (KeyError, IndexError, ValueError, AttributeError):
+            row["params"] = self.space.overrides(self.points[trial_id])
+        except (KeyError, IndexError, ValueError, TypeError):
             row.setdefault("params", {})
-        if result:
-            row["epochs"] = result.get("epoch", row.get("epochs"))
-            row["final"] = bool(result.get("final")) or row.get("final", False)
-            for key in ("objective", "i_auroc", "p_auroc", "pro"):
-                value = _number(result.get(f"val/{key}"))
-                if value is not None:
-                    row[key] = value
+        if record:
+            row["epochs"] = record.get("epochs") or row.get("epochs")
+            for key in METRIC_FIELDS:
+                if record.get(key) is not None:
+                    row[key] = record[key]
         if self._live is not None:
             self._live.update(self.table(list(self.rows.values()), "trials"))
 
     def live(self):
-        import contextlib
-
-        from rich.live import Live
-
         if self.quiet:
             return contextlib.nullcontext()
         view = self
@@ -586,10 +901,6 @@ class SweepView:
         return running()
 
     def table(self, rows: list[dict[str, Any]], title: str):
-        from rich.table import Table
-
-        from agpctl.report import format_percent
-
         params = sorted({p for r in rows for p in r.get("params", {})})
         table = Table(title=title)
         for name in ("trial", "status", "epoch", *[p.split(".")[-1] for p in params], "objective", "I-AUROC", "P-AUROC", "PRO"):
@@ -612,8 +923,6 @@ class SweepView:
         self.console.print(f"best trial [bold]{best.get('trial')}[/]: objective {_short(best.get('objective'))}; "
                            f"config: [cyan]{outcome.best_config_uri}[/]")
         if best.get("test"):
-            from agpctl.report import metrics_table
-
             self.console.print(metrics_table({"mean": best["test"]}, title="test split · best trial only"))
         unfinished = unfinished_trials(outcome.trials)
         if unfinished:
@@ -624,46 +933,72 @@ class SweepView:
                            f"retrain with: agpctl train --config {outcome.best_config_uri}")
 
 
-def _live_trials_callback(view: SweepView):
-    from ray.tune import Callback
+def _sweep_callback(recorder: TrialRecorder, view: SweepView | None):
+    from ray.tune import Callback  # deferred: see agpctl.cluster
 
-    class LiveTrials(Callback):
-        """Feeds the driver's live table. Tune pickles its callbacks with the experiment
-        state; the view (a terminal) is not part of that state and is dropped."""
+    class SweepCallback(Callback):
+        """Writes agp's trial records and feeds the driver's live table.
 
-        def __init__(self, target: SweepView | None) -> None:
-            self.view = target
+        Tune pickles its callbacks with its experiment state, and through Ray Client it runs
+        them on the cluster: what travels is the recorder's plain data (the view, a terminal,
+        stays behind; ``_sweep_callback_elsewhere`` rebuilds the rest)."""
+
+        def __init__(self, recorder: TrialRecorder, view: SweepView | None) -> None:
+            self.recorder = recorder
+            self.view = view
 
         def __reduce__(self):
-            return (_live_trials_callback_none, ())
+            r = self.recorder
+            return (_sweep_callback_elsewhere, (r.sweep_uri, r.records, r.s3_endpoint))
+
+        def _show(self, trial_id: str, status: str, record: dict[str, Any]) -> None:
+            if self.view is not None:
+                self.view.update(trial_id, status, record)
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            if self.view:
-                self.view.update(trial, status="running")
+            trial_id = _agp_trial_id(trial)
+            self._show(trial_id, "running", self.recorder.started(trial_id))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if self.view:
-                self.view.update(trial, status="running", result=result)
+            trial_id = _agp_trial_id(trial)
+            self._show(trial_id, "running", self.recorder.result(trial_id, result))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            if self.view:
-                from tuning.schedulers import read_early_stopped
-
-                row = self.view.rows.get(trial.trial_id, {})
-                early = trial.trial_id in read_early_stopped(self.view.sweep_uri)
-                self.view.update(trial, status=trial_status(False, bool(row.get("final")), early, 1))
+            trial_id = _agp_trial_id(trial)
+            record = self.recorder.completed(trial_id, trial_id in read_early_stopped(self.recorder.sweep_uri))
+            self._show(trial_id, record["status"], record)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            if self.view:
-                self.view.update(trial, status="error")
+            _forget_error_pickle(trial)
+            trial_id = _agp_trial_id(trial)
+            record = self.recorder.errored(trial_id, read_trial_error(self.recorder.sweep_uri, trial_id))
+            self._show(trial_id, "error", record)
 
-    return LiveTrials(view)
+        def on_experiment_end(self, trials, **info):
+            for trial in trials:
+                _forget_error_pickle(trial)
+
+    return SweepCallback(recorder, view)
 
 
-def _live_trials_callback_none():
-    from ray.tune import Callback
+def _sweep_callback_elsewhere(sweep_uri: str, records: dict[str, dict[str, Any]], s3_endpoint: str | None):
+    storage.configure_s3(s3_endpoint)
+    return _sweep_callback(TrialRecorder(sweep_uri, records, s3_endpoint), None)
 
-    return Callback()
+
+def _agp_trial_id(trial) -> str:
+    return str((getattr(trial, "config", None) or {}).get(TRIAL_KEY) or trial.trial_id)
+
+
+def _forget_error_pickle(trial) -> None:
+    """Tune's ResultGrid (built when ``Tuner.fit`` returns) unpickles each failed trial's
+    error.pkl from the sweep folder; without the file name it reads nothing. agp has the
+    error line in its own record already."""
+    metadata = getattr(trial, "run_metadata", None)
+    if metadata is not None and getattr(metadata, "pickled_error_filename", None):
+        metadata.pickled_error_filename = None
+        with contextlib.suppress(Exception):
+            metadata.invalidate_cache()
 
 
 def _short(value: Any) -> str:
