@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import torch
@@ -101,16 +102,35 @@ def check_fits_this_machine(cfg: RunConfig) -> None:
                         f"machine's {gpus}; lower --workers or --gpus-per-worker, or use a cluster (--address)")
 
 
-def check_fits_cluster(cfg: RunConfig, resources: dict[str, float]) -> None:
-    """Workers that need more than the whole cluster has are never placed."""
-    need = worker_resources(cfg)
-    for name, amount in need.items():
-        total = float(resources.get(name, 0.0))
+CLUSTER_GROWTH_WAIT_S = 60  # how long a remote (possibly autoscaling) cluster may take to grow
+
+
+def check_fits_cluster(cfg: RunConfig, resources, view: ProgressView | None = None,
+                       wait_s: float = 0.0) -> None:
+    """Workers that need more than the whole cluster has are never placed. ``resources()``
+    gives the cluster's totals; a cluster that may still grow gets ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while True:
+        missing = _shortfall(cfg, resources())
+        if missing is None:
+            return
+        if time.monotonic() >= deadline:
+            raise UserError(missing)
+        if view is not None and not announced:
+            view.message(f"{missing.split(';')[0]}; waiting up to {wait_s:.0f} s for the cluster to grow")
+            announced = True
+        time.sleep(2)
+
+
+def _shortfall(cfg: RunConfig, totals: dict[str, float]) -> str | None:
+    for name, amount in worker_resources(cfg).items():
+        total = float(totals.get(name, 0.0))
         if cfg.cluster.workers * amount > total:
             flag = {"CPU": "--cpus-per-worker", "GPU": "--gpus-per-worker"}.get(name, name)
-            raise UserError(f"{cfg.cluster.workers} worker(s) × {amount:g} {name} need "
-                            f"{cfg.cluster.workers * amount:g}, the Ray cluster has {total:g}; "
-                            f"lower --workers or {flag}")
+            return (f"{cfg.cluster.workers} worker(s) × {amount:g} {name} need {cfg.cluster.workers * amount:g}, "
+                    f"the Ray cluster has {total:g}; lower --workers or {flag}")
+    return None
 
 
 def fit_one(cfg: RunConfig, run_uri: str, view: ProgressView, resumed: bool) -> dict[str, Any]:
@@ -120,7 +140,8 @@ def fit_one(cfg: RunConfig, run_uri: str, view: ProgressView, resumed: bool) -> 
     if cfg.cluster.cpus_per_worker is None:  # auto, resolved against the live cluster; the saved config stays auto
         cpus = resolve_cpus_per_worker(cfg, ray.cluster_resources().get("CPU", 1.0))
         cfg = cfg.with_overrides({"cluster.cpus_per_worker": cpus})
-    check_fits_cluster(cfg, ray.cluster_resources())
+    remote = address_kind(cfg.cluster.address) != "local"
+    check_fits_cluster(cfg, ray.cluster_resources, view, wait_s=CLUSTER_GROWTH_WAIT_S if remote else 0.0)
     channel = make_channel()
     if resumed:
         # The worker itself continues from the run's newest valid checkpoint.

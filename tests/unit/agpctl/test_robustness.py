@@ -145,3 +145,16 @@ def test_rays_token_announcement_is_silenced_and_other_warnings_are_not(caplog):
         logger.warning("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.")
         logger.warning("the token file could not be read")
     assert [r.getMessage() for r in caplog.records] == ["the token file could not be read"]
+
+
+def test_workers_that_never_fit_fail_in_one_line_and_a_growing_cluster_is_waited_for(monkeypatch):
+    from agpctl.config import RunConfig
+    from agpctl.errors import UserError
+    from agpctl.training import launch
+
+    cfg = RunConfig().with_overrides({"cluster.workers": 3, "cluster.cpus_per_worker": 1.0})
+    with pytest.raises(UserError, match=r"3 worker\(s\) × 1 CPU need 3, the Ray cluster has 2; lower --workers"):
+        launch.check_fits_cluster(cfg, lambda: {"CPU": 2.0})
+    monkeypatch.setattr(launch.time, "sleep", lambda seconds: None)
+    totals = iter([{"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 4.0}])  # an autoscaler adds a node
+    launch.check_fits_cluster(cfg, lambda: next(totals), wait_s=60)
