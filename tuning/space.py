@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import types
@@ -161,6 +162,17 @@ class SearchSpace:
         for dim in self.dimensions:
             size *= len(dim.values) if dim.kind in ("choice", "group") else 1
         return size
+
+    def to_raw(self) -> dict[str, Any]:
+        """The space as plain JSON in the file format ``parse_space`` reads (sweep.json and
+        results.json keep it; a trial parses it again)."""
+        raw: dict[str, Any] = {}
+        for dim in self.dimensions:
+            if dim.kind in ("choice", "group"):
+                raw[dim.key] = {"type": dim.kind, "values": dim.values}
+            else:
+                raw[dim.key] = {"type": dim.kind, "low": dim.low, "high": dim.high}
+        return json.loads(json.dumps(raw, default=str))  # plain JSON types (dict keys become text)
 
 
 def default_space_path(method: str) -> str:

@@ -139,7 +139,8 @@ def test_a_failed_trial_is_recorded_without_loading_its_error_pickle(tmp_path):
     import ray
     from ray import tune
 
-    from tuning.sweep import TrialRecorder, _sweep_callback, new_record, read_trial_records, trial_error_uri
+    from tuning.state import TrialRecorder, new_record, read_trial_records, trial_error_uri
+    from tuning.view import sweep_callback
 
     sweep, marker = str(tmp_path / "sweep"), tmp_path / "pwned"
     (tmp_path / "sweep" / "trials").mkdir(parents=True)
@@ -151,7 +152,7 @@ def test_a_failed_trial_is_recorded_without_loading_its_error_pickle(tmp_path):
             tune.with_parameters(_failing_trial, sweep_uri=sweep),
             param_space={"agp_trial": tune.grid_search(["t0000"])},
             run_config=tune.RunConfig(name="attempt", storage_path=str(tmp_path / "sweep" / "tune"), verbose=0,
-                                      callbacks=[_sweep_callback(recorder, None), _OverwriteErrorPickle(marker)]),
+                                      callbacks=[sweep_callback(recorder, None), _OverwriteErrorPickle(marker)]),
         ).fit()
     finally:
         ray.shutdown()

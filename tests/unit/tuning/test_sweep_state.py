@@ -15,24 +15,24 @@ import pytest
 from agpctl.config import RunConfig
 from agpctl.errors import UserError
 from tuning.space import SpaceError, parse_space
-from tuning.sweep import (
+from tuning.results import collect_trials
+from tuning.state import (
     SWEEP_FILE,
     SweepSettings,
     TrialRecorder,
     check_trial_record,
-    collect_trials,
     finished_runs,
     load_sweep_state,
     new_record,
     plan_trials,
     read_trial_records,
-    run_sweep,
     sweep_state_json,
     trial_outcome,
     trial_record_uri,
     trials_to_run,
     write_trial_record,
 )
+from tuning.sweep import run_sweep
 
 RAW_SPACE = {
     "model.alpha_max": {"type": "uniform", "low": 0.5, "high": 2.0},

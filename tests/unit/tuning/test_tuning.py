@@ -21,7 +21,8 @@ from agpctl.distributed import WorkerContext
 from agpctl.training.progress import ProgressSender
 from agpctl.training.worker import RunSpec, train_on_worker
 from tuning.space import SpaceError, load_space, parse_space
-from tuning.sweep import pick_best, sort_trials, trial_config, trials_csv
+from tuning.results import pick_best, sort_trials, trials_csv
+from tuning.sweep import trial_config
 
 
 def write(tmp_path, text: str) -> str:
@@ -231,7 +232,7 @@ def test_cli_needs_held_out_normals_for_the_synthetic_objective(generated_datase
 
 
 def test_trial_status_tells_asha_stops_from_interruptions():
-    from tuning.sweep import trial_status
+    from tuning.state import trial_status
 
     assert trial_status(error=True, final=False, early_stopped=False, epochs_done=1) == "error"
     assert trial_status(error=False, final=True, early_stopped=False, epochs_done=3) == "finished"
