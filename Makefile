@@ -20,5 +20,13 @@ install: $(BIN)/agpctl
 demo: install
 	$(BIN)/agpctl train --config examples/quickstart.yaml
 
+# The report's browser test opens the HTML in a headless Chromium: as root (CI on Debian)
+# install it when missing; otherwise only say how (the test is skipped without it).
 test: install
+	@if [ "$$(id -u)" = 0 ]; then \
+	  command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "warning: could not install chromium; the report's browser test will be skipped"; \
+	else \
+	  command -v chromium >/dev/null || echo "hint: sudo apt-get install chromium (for the report's browser test)"; \
+	fi
 	$(BIN)/python -m pytest -q -x --durations=15

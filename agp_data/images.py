@@ -81,6 +81,15 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+def rgb_array(image: Image.Image) -> np.ndarray:
+    """An in-memory PIL image as an RGB uint8 (H, W, 3) array, converted as :func:`read_image`
+    converts files (grayscale, palette, alpha on black, 16-bit); raises DataError when it cannot be."""
+    try:
+        return _to_rgb_array(image)
+    except _READ_ERRORS as exc:
+        raise DataError(f"cannot convert a {image.mode} image to RGB: {exc}") from exc
+
+
 def read_image(path_or_uri: str, cache_dir: str | None = None) -> Image.Image:
     """The image at a local path or ``s3://`` URI as an RGB uint8 PIL image.
 

@@ -55,6 +55,8 @@ __all__ = [
     "average_precision",
     "f1_max",
     "pro_score",
+    "image_curves",
+    "pixel_curves",
     "image_metrics",
     "pixel_metrics",
     "compute_metrics",
@@ -308,6 +310,12 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
 def _pro(stats: _RankStats, fpr_limit: float) -> float:
     if stats.n_regions == 0 or stats.n_neg == 0:
         return math.nan
+    fpr, pro = _pro_points(stats)
+    return float(_area_up_to(fpr, pro, fpr_limit) / fpr_limit)
+
+
+def _pro_points(stats: _RankStats) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) points of the whole reference PRO curve, FPR non-decreasing."""
     # The reference curve has one point per distinct score value (highest first). Between two
     # positive values only negatives are added: horizontal segments at constant PRO. At a
     # positive value v the curve goes from (FPR(>v), PRO(>v)) to (FPR(>=v), PRO(>=v)); so two
@@ -324,7 +332,37 @@ def _pro(stats: _RankStats, fpr_limit: float) -> float:
     pro[2 : 2 * m + 2 : 2] = overlap
     fpr[2 * m + 1], pro[2 * m + 1] = 1.0, overlap[-1]  # remaining negatives below all positives
     fpr[2 * m + 2], pro[2 * m + 2] = 1.0, 1.0  # the reference's appended (1, 1)
-    return float(_area_up_to(fpr, pro, fpr_limit) / fpr_limit)
+    return fpr, pro
+
+
+def _roc_points(stats: _RankStats) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) of the exact ROC curve: as for PRO, two points per distinct positive value
+    (just above it, then at it) from (0, 0) to (1, 1); its trapezoid area is :func:`_auroc`."""
+    neg = np.stack([stats.neg_gt, stats.neg_ge], 1).reshape(-1)
+    pos_above = np.concatenate([[0], stats.pos_ge[:-1]])
+    pos = np.stack([pos_above, stats.pos_ge], 1).reshape(-1)
+    fpr = np.concatenate([[0.0], neg / stats.n_neg, [1.0]])
+    tpr = np.concatenate([[0.0], pos / stats.n_pos, [1.0]])
+    return fpr, tpr
+
+
+def _pr_points(stats: _RankStats) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at each distinct positive value, recall increasing, after a first
+    (0, 1) point as sklearn's ``precision_recall_curve``; AP is the step sum Σ ΔR·P of these."""
+    recall = np.concatenate([[0.0], stats.pos_ge / stats.n_pos])
+    precision = np.concatenate([[1.0], stats.pos_ge / (stats.pos_ge + stats.neg_ge)])
+    return recall, precision
+
+
+def _points_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> tuple[np.ndarray, np.ndarray]:
+    """The points with x <= x_max, plus the point interpolated at x_max (as
+    :func:`_area_up_to` interpolates)."""
+    n_inside = int(np.searchsorted(x, x_max, side="right"))
+    xs, ys = x[:n_inside], y[:n_inside]
+    if xs[-1] < x_max and n_inside < x.size:
+        x0, x1, y0, y1 = x[n_inside - 1], x[n_inside], y[n_inside - 1], y[n_inside]
+        xs, ys = np.append(xs, x_max), np.append(ys, y0 + (y1 - y0) * (x_max - x0) / (x1 - x0))
+    return xs, ys
 
 
 def _check_fpr_limit(fpr_limit: float) -> float:
@@ -394,6 +432,35 @@ def pro_score(maps: object, masks: object, fpr_limit: float = 0.3) -> float:
     """
     limit = _check_fpr_limit(fpr_limit)
     return _pro(_rank_stats(*_pixel_inputs(maps, masks), with_regions=True), limit)
+
+
+def image_curves(scores: object, labels: object) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The curves behind the image metrics, from the same exact pass: ``"roc"`` (FPR, TPR),
+    whose trapezoid area is :func:`auroc`, and ``"pr"`` (recall, precision), whose step sum
+    is :func:`average_precision`. Empty arrays where the metric is undefined (one class)."""
+    return _curves(_rank_stats(*_binary_inputs(scores, labels)), None)
+
+
+def pixel_curves(
+    maps: object, masks: object, fpr_limit: float = 0.3
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``"roc"`` and ``"pr"`` over all pixels, as :func:`image_curves`, and ``"pro"``: the
+    (FPR, PRO) points of :func:`pro_score`'s curve up to ``fpr_limit`` (the last point
+    interpolated at exactly ``fpr_limit``), whose trapezoid area / ``fpr_limit`` is the PRO."""
+    limit = _check_fpr_limit(fpr_limit)
+    return _curves(_rank_stats(*_pixel_inputs(maps, masks), with_regions=True), limit)
+
+
+def _curves(stats: _RankStats, pro_limit: float | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    empty = (np.zeros(0), np.zeros(0))
+    if _undefined(stats):
+        curves = {"roc": empty, "pr": empty}
+    else:
+        curves = {"roc": _roc_points(stats), "pr": _pr_points(stats)}
+    if pro_limit is not None:
+        defined = stats.n_regions > 0 and stats.n_neg > 0
+        curves["pro"] = _points_up_to(*_pro_points(stats), pro_limit) if defined else empty
+    return curves
 
 
 def image_metrics(scores: object, labels: object) -> dict[str, float]:

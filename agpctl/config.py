@@ -40,6 +40,9 @@ class TrainConfig:
     threshold_quantile: float = 0.99  # auto threshold = this quantile of held-out normal scores
     # Per-epoch validation, reported as val/i_auroc, val/p_auroc, val/pro, val/objective.
     validation: ValidationMode = "none"
+    # Experiment tracking besides the run's history.jsonl (agpctl.training.tracking; rank 0).
+    tensorboard: bool = False  # TensorBoard event files in <run>/tensorboard/
+    mlflow: str | None = None  # an MLflow tracking URI, e.g. http://mlflow:5000
 
 
 @dataclass(kw_only=True)

@@ -3,9 +3,13 @@
     <out>/<name>/                       a run (name: <method>-<dataset>-<time> by default)
         config.yaml                     the resolved configuration: enough to rebuild the model
         checkpoint_epoch-NNNN/model.pt  checkpoints (Ray Train persists them; agpctl.checkpoint)
-        thresholds.json                 calibrated image / pixel thresholds
+        thresholds.json                 calibrated image / pixel thresholds (pooled and per category)
+        categories.json                 the categories the model knows (their prototypes: checkpoint payload)
         summary.json                    what was trained on what, and when
         metrics.json                    the test table per category and the mean
+        history.jsonl                   one JSON line per trained epoch (losses, lr, speed, validation)
+        tracking.json                   where this run's experiment tracking lives (the MLflow run id)
+        tensorboard/                    --tensorboard: TensorBoard event files
         <category>/...                  --per-category: one such run per category (sub-runs);
                                         the parent holds config.yaml and the merged metrics.json
 
@@ -19,6 +23,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
@@ -37,6 +42,10 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"
 THRESHOLDS_FILE = "thresholds.json"
+CATEGORIES_FILE = "categories.json"
+HISTORY_FILE = "history.jsonl"
+TRACKING_FILE = "tracking.json"
+TENSORBOARD_DIR = "tensorboard"
 _CHECKPOINT_DIR = re.compile(re.escape(CHECKPOINT_DIR_PREFIX) + r"(\d+)$")
 
 
@@ -126,6 +135,9 @@ def resume_config(run_uri: str, cli_cfg: RunConfig) -> RunConfig:
     # its location is where it is now.
     cfg.cluster = cli_cfg.cluster
     cfg.storage.s3_endpoint = cli_cfg.storage.s3_endpoint or cfg.storage.s3_endpoint
+    # How to watch it may change too: --tensorboard / --mlflow given on resume switch tracking on.
+    cfg.train.tensorboard = cfg.train.tensorboard or cli_cfg.train.tensorboard
+    cfg.train.mlflow = cli_cfg.train.mlflow or cfg.train.mlflow
     parent, _, name = run_uri.rstrip("/").rpartition("/")
     cfg.storage.out, cfg.storage.name = parent, name
     return cfg
@@ -223,7 +235,19 @@ def stored_thresholds(run_uri: str) -> dict[str, Any] | None:
     return read_json(path) if storage.exists(path) else None
 
 
+def stored_categories(run_uri: str) -> list[str] | None:
+    """The category names categories.json records, or None (a run from before it was written,
+    or not finished yet)."""
+    path = storage.join(run_uri, CATEGORIES_FILE)
+    return list(read_json(path).get("categories") or []) if storage.exists(path) else None
+
+
 # -- results -------------------------------------------------------------------------------
+def write_categories(run_uri: str, categories: dict[str, Any]) -> None:
+    """categories.json: the names of the categories the model knows and how images are matched to them."""
+    write_json(storage.join(run_uri, CATEGORIES_FILE), categories)
+
+
 def write_results(run_uri: str, table: dict[str, Any], summary: dict[str, Any], thresholds: dict[str, Any]) -> None:
     """A finished run's thresholds, summary and metrics; metrics.json last, as it marks the run finished."""
     write_json(storage.join(run_uri, THRESHOLDS_FILE), thresholds)
@@ -257,6 +281,93 @@ def with_mean(rows: dict[str, Any]) -> dict[str, Any]:
         values = [row[name] for row in rows.values() if name in row and row[name] is not None and not math.isnan(row[name])]
         mean[name] = sum(values) / len(values) if values else float("nan")
     return {**dict(sorted(rows.items())), "mean": mean}
+
+
+# -- training history and tracking -----------------------------------------------------------
+# history.jsonl: one strict-JSON object per line, one line per trained epoch, written by rank 0
+# as each epoch ends (agpctl.training.worker) and read by reports:
+#   {"epoch": int, "loss": float, "losses": {"<name>": float, ...}, "lr": float,
+#    "images_per_s": float, "seconds": float,
+#    "val": {"i_auroc": float, "p_auroc": float, "pro": float, "objective": float},  (with train.validation)
+#    "time": "<ISO 8601>"}
+# "losses" holds every loss the method returns, averaged over the epoch (the total "loss" too);
+# "lr" is the first parameter group's of the first optimiser after the epoch; "images_per_s"
+# counts the epoch's training images of all workers. A metric undefined for the data is null.
+
+
+def append_history(run_uri: str, record: dict[str, Any]) -> None:
+    """Adds ``record`` (one epoch's line) to the run's history.jsonl. Lines of that epoch or a
+    later one are dropped first: a run resumed from an older checkpoint trains those epochs
+    again (e.g. stopped after epoch 5's line but before its checkpoint), and each epoch keeps
+    one line. Lines that are not history records are kept as they are.
+
+    The whole file is rewritten (atomically; on S3 one put): it is a few hundred bytes per epoch."""
+    epoch = int(record["epoch"])
+    path = storage.join(run_uri, HISTORY_FILE)
+    kept = []
+    if storage.exists(path):
+        for line in _history_lines(path):
+            earlier = _history_record(line)
+            if line.strip() and (earlier is None or earlier["epoch"] < epoch):
+                kept.append(line)
+    kept.append(json.dumps(_finite(record), default=_json_default))
+    storage.write_text(path, "\n".join(kept) + "\n")
+
+
+def read_history(run_uri: str, warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The epochs of the run's history.jsonl in order ([] before its first epoch). A line that
+    is not a history record (an edit, a damaged file) is skipped and named through ``warn``
+    (by default a Python warning), never fatal."""
+    path = storage.join(run_uri, HISTORY_FILE)
+    if not storage.exists(path):
+        return []
+    records = []
+    for number, line in enumerate(_history_lines(path), 1):
+        if not line.strip():
+            continue
+        record = _history_record(line)
+        if record is None:
+            message = f"{path} line {number} is not a history record (JSON with an integer epoch); skipped"
+            if warn is None:
+                warnings.warn(message, stacklevel=2)
+            else:
+                warn(message)
+            continue
+        records.append(record)
+    return sorted(records, key=lambda r: r["epoch"])
+
+
+def _history_lines(path: str) -> list[str]:
+    # Undecodable bytes become U+FFFD, so a damaged line fails to parse instead of the whole file.
+    return storage.read_bytes(path).decode("utf-8", errors="replace").splitlines()
+
+
+def _history_record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    epoch = record.get("epoch") if isinstance(record, dict) else None
+    if not isinstance(epoch, int) or isinstance(epoch, bool):
+        return None
+    return record
+
+
+def read_tracking(run_uri: str) -> dict[str, Any]:
+    """The run's tracking.json (which experiment-tracking runs it logs to); {} when it has none
+    or it does not parse, so tracking then starts afresh."""
+    path = storage.join(run_uri, TRACKING_FILE)
+    if not storage.exists(path):
+        return {}
+    try:
+        data = read_json(path)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_tracking(run_uri: str, data: dict[str, Any]) -> None:
+    write_json(storage.join(run_uri, TRACKING_FILE), data)
 
 
 # -- JSON ----------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ from PIL import Image
 
 from agpctl.config import RunConfig
 from agpctl.models import build_model, default_device
-from agpctl.inference.predict import Thresholds, discover_inputs, predict_images
+from agpctl.inference.detector import Detector
+from agpctl.inference.predict import discover_inputs, predict_images
+from agpctl.inference.thresholds import ThresholdPolicy
 
 
 def main() -> None:
@@ -52,7 +54,7 @@ def main() -> None:
             Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
                 os.path.join(folder, f"{i:04d}.jpg"), quality=90)
         inputs = discover_inputs(folder)
-        thresholds = Thresholds(1.0, 1.0, "benchmark")
+        detector = Detector(model, ThresholdPolicy({}, threshold="1.0"), batch_size=args.batch_size, device=device)
 
         # Model only: pre-decoded, pre-resized tensors already in memory.
         batches = [torch.rand(min(args.batch_size, args.images - i), 3, args.image_size, args.image_size, device=device)
@@ -76,8 +78,7 @@ def main() -> None:
             for repeat in range(2):
                 out = os.path.join(tmp, f"out-{write_images}-{repeat}")
                 start = time.perf_counter()
-                predict_images(model, inputs, out, thresholds, batch_size=args.batch_size,
-                               write_images=write_images, device=device)
+                predict_images(detector, inputs, out, write_images=write_images)
                 rates.append(args.images / (time.perf_counter() - start))
             results[label] = max(rates)
 

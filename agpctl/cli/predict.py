@@ -28,7 +28,8 @@ from agpctl.runs import to_json
 @click.option("--threshold", default="auto", show_default=True,
               help="'auto' (calibrated on held-out normal training images) or an image-score value")
 @click.option("--pixel-threshold", type=float, help="defect-mask threshold (default: --threshold's value, or auto)")
-@click.option("--category", help="per-category runs: which category's model to use")
+@click.option("--category", help="the images' category: a per-category run's model, or for a multi-class run "
+                                  "whose thresholds decide (default: from the path, else the most similar)")
 @click.option("--recursive", is_flag=True, help="include sub-folders (and ** in globs)")
 @click.option("--batch-size", type=int, help="images per model call (default: the run's eval batch size)")
 @click.option("--format", "image_format", type=click.Choice(["png", "jpg"]), default="png", show_default=True,
@@ -105,12 +106,18 @@ def _print_summary(report, top: int) -> None:
                   f"[bold red]{report.anomalous} anomalous[/] · {len(report.rows) - report.anomalous} normal · "
                   f"{len(report.skipped)} skipped")
     console.print(f"threshold: image {t.image:.6g}, pixel {t.pixel:.6g} ({escape(t.source)})")
+    if report.category_thresholds:
+        own = "; ".join(f"{escape(name)} image {c.image:.6g}, pixel {c.pixel:.6g}"
+                        for name, c in report.category_thresholds.items())
+        console.print(f"per-category thresholds (the one above decides other images): {own}")
     if report.rows and top > 0:
         table = Table(title=f"top {min(top, len(report.rows))} most anomalous")
-        for column in ("path", "score", "anomalous", "defect px"):
-            table.add_column(column, justify="right" if column != "path" else "left")
+        for column in ("path", "category", "score", "anomalous", "defect px"):
+            table.add_column(column, justify="right" if column not in ("path", "category") else "left")
         for row in report.top(top):
-            table.add_row(escape(row["path"]), f"{row['score']:.4g}", row["anomalous"], str(row["defect_area_px"]))
+            category = f"{row['category'] or '?'} ({row['category_source']})"
+            table.add_row(escape(row["path"]), escape(category), f"{row['score']:.4g}", row["anomalous"],
+                          str(row["defect_area_px"]))
         console.print(table)
     if report.skipped:
         console.print(f"[yellow]skipped {len(report.skipped)} unreadable file(s):[/]")

@@ -68,6 +68,8 @@ RUN_FLAGS: list[tuple[str, str, dict[str, Any], Callable[[Any], Any] | None]] = 
     ("--seed", "train.seed", {"type": int}, None),
     ("--checkpoint-every", "train.checkpoint_every", {"type": int, "help": "epochs between checkpoints"}, None),
     ("--keep-checkpoints", "train.keep_checkpoints", {"type": int}, None),
+    ("--tensorboard", "train.tensorboard", {"is_flag": True, "default": None, "help": "also write TensorBoard event files to <run>/tensorboard/ (pip install 'agp[tensorboard]' to view them)"}, None),
+    ("--mlflow", "train.mlflow", {"metavar": "URI", "help": "also log params, per-epoch metrics and the test table to this MLflow tracking server"}, None),
     ("--lr", "model.lr", {"type": float, "help": "learning rate (default: the method's)"}, None),
     ("--image-size", "model.image_size", {"type": int}, None),
     ("--layers", "model.layers", {"help": "ViT blocks (1-indexed) or CNN stages, e.g. 3,6,9,12"}, _ints),

@@ -11,7 +11,8 @@ import os
 from typing import Any
 
 PACKAGES = ("agpctl", "agp_models", "agp_data", "tuning")
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AGP_CACHE_DIR", "AGP_CACHE_MAX_GB")
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION", "AGP_CACHE_DIR", "AGP_CACHE_MAX_GB",
+                 "MLFLOW_EXPERIMENT_NAME")
 
 
 def forwarded_env() -> dict[str, str]:

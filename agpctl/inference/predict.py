@@ -19,7 +19,6 @@ import csv
 import fnmatch
 import glob
 import io
-import math
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,7 +27,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from agp_data import storage
@@ -36,14 +34,18 @@ from agp_data.errors import DataError
 from agp_data.images import is_image_file, read_image
 from agpctl import runs
 from agpctl.errors import UserError
-from agpctl.models import autocast, default_device
+from agpctl.inference.detector import Detection, Detector
+# check_threshold_options and resolve_thresholds stay importable from here, where they were.
+from agpctl.inference.thresholds import Thresholds, check_threshold_options, resolve_thresholds  # noqa: F401
+from agpctl.models import default_device
 
 CSV_FILE = "predictions.csv"
 JSON_FILE = "predictions.json"
 IMAGE_FORMATS = ("png", "jpg")
 OVERLAY_ALPHA = 0.5  # weight of the heatmap in the overlay
+# New columns go last, so readers that count columns keep working.
 CSV_COLUMNS = ["path", "score", "anomalous", "image_threshold", "pixel_threshold", "defect_area_px", "width",
-               "height", "heatmap", "overlay", "mask"]
+               "height", "heatmap", "overlay", "mask", "category", "category_source", "category_similarity"]
 _GLOB_CHARS = "*?["
 
 
@@ -131,51 +133,6 @@ def _named(root: str, paths: list[str]) -> list[InputImage]:
     return [InputImage(p, n) for p, n in zip(paths, names)]
 
 
-# -- thresholds ---------------------------------------------------------------------------
-@dataclass
-class Thresholds:
-    image: float
-    pixel: float
-    source: str
-
-
-def resolve_thresholds(stored: dict[str, Any], threshold: str = "auto", pixel_threshold: float | None = None
-                       ) -> Thresholds:
-    """``auto``: the run's calibrated thresholds; a number overrides the image threshold and,
-    unless ``pixel_threshold`` is given, the pixel threshold too. Thresholds are finite numbers."""
-    if pixel_threshold is not None:
-        pixel_threshold = _finite(pixel_threshold, "--pixel-threshold")
-    if str(threshold).lower() == "auto":
-        image, pixel = stored.get("image"), stored.get("pixel")
-        if image is None or pixel is None:
-            raise UserError("this run has no calibrated thresholds: pass --threshold VALUE "
-                            "(training calibrates them on held-out normal images, see --val-fraction)")
-        source = f"auto: {stored.get('source', 'calibrated at training')}"
-        if pixel_threshold is not None:
-            pixel, source = pixel_threshold, source + "; pixel threshold given"
-        return Thresholds(float(image), float(pixel), source)
-    value = _finite(threshold, "--threshold")
-    pixel = value if pixel_threshold is None else pixel_threshold
-    return Thresholds(value, pixel, "given" if pixel_threshold is None else "given (image and pixel)")
-
-
-def check_threshold_options(threshold: str, pixel_threshold: float | None) -> None:
-    """``--threshold`` / ``--pixel-threshold`` as given are usable (before any work starts)."""
-    resolve_thresholds({"image": 0.0, "pixel": 0.0}, threshold, pixel_threshold)
-
-
-def _finite(value: Any, flag: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-        if flag == "--threshold":
-            raise UserError(f"--threshold must be 'auto' or a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise UserError(f"{flag} must be a finite number, got {value!r}")
-    return number
-
-
 # -- maps to pictures --------------------------------------------------------------------
 # Anchor colours of a jet-like map (dark blue → blue → cyan → green → yellow → red → dark red).
 _ANCHORS = np.array([
@@ -207,24 +164,16 @@ def encode(array: np.ndarray, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
-def resize_maps(maps: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
-    """Each (S, S) model map bilinearly resized to its image's (height, width), on the maps' device."""
-    out = []
-    for m, (height, width) in zip(maps, sizes):
-        resized = F.interpolate(m[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)
-        out.append(resized[0, 0].cpu().numpy())
-    return out
-
-
 # -- the prediction loop -----------------------------------------------------------------
 @dataclass
 class PredictReport:
     out: str
-    thresholds: Thresholds
+    thresholds: Thresholds  # pooled (or given): decides images without thresholds of their category
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     model: dict[str, Any] = field(default_factory=dict)
+    category_thresholds: dict[str, Thresholds] = field(default_factory=dict)  # categories with their own
 
     @property
     def anomalous(self) -> int:
@@ -237,6 +186,7 @@ class PredictReport:
         return {
             "model": self.model,
             "threshold": vars(self.thresholds),
+            "category_thresholds": {name: vars(t) for name, t in self.category_thresholds.items()},
             "summary": {"images": len(self.rows), "anomalous": self.anomalous, "normal": len(self.rows) - self.anomalous,
                         "skipped": len(self.skipped), "seconds": round(self.seconds, 3)},
             "predictions": self.rows,
@@ -244,38 +194,33 @@ class PredictReport:
         }
 
 
-def _load(item: InputImage, size: int, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    image = read_image(item.path)
-    rgb = np.asarray(image)
-    resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
-    tensor = (torch.from_numpy(resized).permute(2, 0, 1) - mean) / std
-    return tensor, rgb
+def _load(item: InputImage, detector: Detector) -> tuple[torch.Tensor, np.ndarray]:
+    rgb = np.asarray(read_image(item.path))
+    return detector.preprocess(rgb), rgb
 
 
-def predict_images(model, inputs: list[InputImage], out: str, thresholds: Thresholds, *, batch_size: int = 16,
-                   image_format: str = "png", write_images: bool = True, precision: str = "fp32",
-                   device: torch.device | None = None, io_threads: int | None = None,
+def predict_images(detector: Detector, inputs: list[InputImage], out: str, *, batch_size: int | None = None,
+                   image_format: str = "png", write_images: bool = True, io_threads: int | None = None,
                    on_progress: Callable[[int, int], None] | None = None,
                    on_skip: Callable[[str, str], None] | None = None,
                    model_info: dict[str, Any] | None = None, write_summary: bool = True) -> PredictReport:
-    """Run ``model`` (an eval-mode AnomalyModel) over ``inputs`` and write every output below
-    ``out``; ``write_summary=False`` leaves predictions.csv/json to the caller (sharded predict)."""
+    """Decide ``inputs`` with ``detector`` (its batch size unless ``batch_size``) and write every
+    output below ``out``; ``write_summary=False`` leaves predictions.csv/json to the caller
+    (sharded predict)."""
     if image_format not in IMAGE_FORMATS:
         raise UserError(f"--format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}")
+    batch_size = detector.batch_size if batch_size is None else batch_size
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    device = device or next(iter(model.parameters()), torch.zeros(0)).device
-    size = int(model.cfg.image_size)
-    mean = torch.tensor(model.backbone.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(model.backbone.std, dtype=torch.float32).view(3, 1, 1)
-    report = PredictReport(out=out, thresholds=thresholds, model=model_info or {})
+    report = PredictReport(out=out, thresholds=detector.thresholds.default, model=model_info or {},
+                           category_thresholds=dict(detector.thresholds.per_category))
     started = time.perf_counter()
     threads = io_threads or min(8, (os.cpu_count() or 2) + 2)
     batches = [inputs[i:i + batch_size] for i in range(0, len(inputs), batch_size)]
     done = 0
     with ThreadPoolExecutor(threads) as readers, ThreadPoolExecutor(threads) as writers:
         def submit(batch: list[InputImage]) -> list[Future]:
-            return [readers.submit(_load, item, size, mean, std) for item in batch]
+            return [readers.submit(_load, item, detector) for item in batch]
 
         pending_writes: list[Future] = []
         upcoming = submit(batches[0]) if batches else []
@@ -295,12 +240,10 @@ def predict_images(model, inputs: list[InputImage], out: str, thresholds: Thresh
                 originals.append(rgb)
                 items.append(item)
             if items:
-                with torch.no_grad(), autocast(precision, device):
-                    prediction = model.predict(torch.stack(tensors).to(device))
-                scores = prediction.scores.float().cpu().numpy()
-                maps = resize_maps(prediction.maps, [rgb.shape[:2] for rgb in originals])
-                for item, rgb, score, full_map in zip(items, originals, scores, maps):
-                    row, files = _row(item, rgb, float(score), full_map, thresholds, out, image_format, write_images)
+                detections = detector.detect(torch.stack(tensors), [rgb.shape[:2] for rgb in originals],
+                                             [item.path for item in items])
+                for item, rgb, detection in zip(items, originals, detections):
+                    row, files = _row(item, rgb, detection, out, image_format, write_images)
                     report.rows.append(row)
                     pending_writes.extend(writers.submit(_encode_and_write, uri, data) for uri, data in files)
             done += len(batch)
@@ -325,19 +268,22 @@ def _drain(futures: list[Future], limit: int) -> list[Future]:
     return futures
 
 
-def _row(item: InputImage, rgb: np.ndarray, score: float, full_map: np.ndarray, thresholds: Thresholds, out: str,
-         image_format: str, write_images: bool) -> tuple[dict[str, Any], list[tuple[str, Callable[[], bytes]]]]:
-    mask = full_map > thresholds.pixel
+def _row(item: InputImage, rgb: np.ndarray, detection: Detection, out: str, image_format: str, write_images: bool
+         ) -> tuple[dict[str, Any], list[tuple[str, Callable[[], bytes]]]]:
+    full_map, mask, pixel_threshold = detection.map, detection.mask, detection.pixel_threshold
     height, width = full_map.shape
     row: dict[str, Any] = {
-        "path": item.path, "score": score, "anomalous": "yes" if score > thresholds.image else "no",
-        "image_threshold": thresholds.image, "pixel_threshold": thresholds.pixel,
+        "path": item.path, "score": detection.score, "anomalous": "yes" if detection.anomalous else "no",
+        "image_threshold": detection.image_threshold, "pixel_threshold": pixel_threshold,
         "defect_area_px": int(mask.sum()), "width": width, "height": height,
         "heatmap": "", "overlay": "", "mask": "",
+        "category": detection.category, "category_source": detection.category_source,
+        "category_similarity": detection.category_similarity,
     }
     files: list[tuple[str, Callable[[], bytes]]] = []
     if write_images:
-        vmax = 2.0 * thresholds.pixel if thresholds.pixel > 0 else float(full_map.max())
+        # One colour scale per pixel threshold: images decided by the same thresholds compare.
+        vmax = 2.0 * pixel_threshold if pixel_threshold > 0 else float(full_map.max())
         heat = colorize(full_map, vmax)
         row["heatmap"] = storage.join(out, "heatmaps", f"{item.name}.{image_format}")
         row["overlay"] = storage.join(out, "overlays", f"{item.name}.{image_format}")
@@ -356,7 +302,9 @@ def write_tables(report: PredictReport, out: str) -> None:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in report.rows:
-        writer.writerow({**row, "score": f"{row['score']:.6g}"})
+        similarity = row.get("category_similarity")
+        writer.writerow({**row, "score": f"{row['score']:.6g}",
+                         "category_similarity": "" if similarity is None else f"{similarity:.4f}"})
     storage.write_text(storage.join(out, CSV_FILE), buffer.getvalue())
     storage.write_text(storage.join(out, JSON_FILE), runs.to_json(report.as_dict()) + "\n")
 
@@ -366,17 +314,19 @@ def run_predict(source: str, run_uri: str, out: str, *, threshold: str = "auto",
                 image_format: str = "png", write_images: bool = True, device: torch.device | None = None,
                 on_start: Callable[[int], None] | None = None, on_warning: Callable[[str], None] | None = None,
                 **kwargs: Any) -> PredictReport:
-    """Load the run, find the inputs, predict; see :func:`predict_images`."""
+    """Load the run, find the inputs, predict; see :func:`predict_images`. ``category``: a
+    per-category run's model, or for a multi-class run the category of every image."""
     model_uri = runs.select_model_run(run_uri, category)
-    run = runs.load_run(model_uri, device or default_device(), warn=on_warning)
-    thresholds = resolve_thresholds(run.thresholds, threshold, pixel_threshold)
+    device = device or default_device()
+    run = runs.load_run(model_uri, device, warn=on_warning)
+    detector = Detector.from_run(run, category=category, threshold=threshold, pixel_threshold=pixel_threshold,
+                                 batch_size=batch_size, device=device, warn=on_warning)
     unreadable: list[tuple[str, str]] = []
     inputs = discover_inputs(source, recursive, exclude=out, skipped=unreadable)
     if on_start is not None:
         on_start(len(inputs))
-    report = predict_images(run.model, inputs, out, thresholds, batch_size=batch_size or run.cfg.train.eval_batch_size,
-                            image_format=image_format, write_images=write_images, precision=run.cfg.train.precision,
-                            device=device or default_device(), model_info=run.info(), write_summary=False, **kwargs)
+    report = predict_images(detector, inputs, out, image_format=image_format, write_images=write_images,
+                            model_info=run.info(), write_summary=False, **kwargs)
     note_unreadable(report, unreadable, kwargs.get("on_skip"))
     write_tables(report, out)
     return report

@@ -18,15 +18,17 @@ from agpctl import runs
 from agpctl.cluster.connect import address_kind, local_cpu_share, ray_session, use_assigned_cpus
 from agpctl.cluster.events import drain, make_channel, send
 from agpctl.errors import UserError, remote_error_line
+from agpctl.inference.categories import check_category
+from agpctl.inference.detector import Detector
 from agpctl.inference.predict import (
     InputImage,
     PredictReport,
     discover_inputs,
     note_unreadable,
     predict_images,
-    resolve_thresholds,
     write_tables,
 )
+from agpctl.inference.thresholds import resolve_thresholds
 from agpctl.models import default_device
 from agpctl.paths import absolute
 
@@ -37,13 +39,17 @@ def predict_shard(model_uri: str, items: list[InputImage], out: str, options: di
     storage.configure_s3(options.get("s3_endpoint"))
     use_assigned_cpus()
     device = default_device()
-    run = runs.load_run(model_uri, device, warn=lambda text: send(channel, (shard, "warning", text)))
-    thresholds = resolve_thresholds(run.thresholds, options["threshold"], options["pixel_threshold"])
 
+    def warn(text: str) -> None:
+        send(channel, (shard, "warning", text))
+
+    run = runs.load_run(model_uri, device, warn=warn)
+    detector = Detector.from_run(run, category=options.get("category"), threshold=options["threshold"],
+                                 pixel_threshold=options["pixel_threshold"], batch_size=options["batch_size"],
+                                 device=device, warn=warn)
     return predict_images(
-        run.model, items, out, thresholds, batch_size=options["batch_size"] or run.cfg.train.eval_batch_size,
-        image_format=options["image_format"], write_images=options["write_images"], precision=run.cfg.train.precision,
-        device=device, write_summary=False,
+        detector, items, out, image_format=options["image_format"], write_images=options["write_images"],
+        write_summary=False,
         on_progress=lambda done, total: send(channel, (shard, "progress", done)),
         on_skip=lambda path, error: send(channel, (shard, "skip", path, error)),
         model_info=run.info(),
@@ -84,12 +90,14 @@ def run_predict_on_ray(source: str, run_uri: str, out: str, *, address: str | No
                    "(use s3:// URIs unless they share a file system with this one)")
     model_uri = runs.select_model_run(run_uri, category)
     _check_thresholds(model_uri, threshold, pixel_threshold)  # fail here, before any task starts
+    check_category(category, runs.stored_categories(model_uri) or [], model_uri)
     unreadable: list[tuple[str, str]] = []
     inputs = discover_inputs(source, recursive, exclude=out, skipped=unreadable)
     if on_start is not None:
         on_start(len(inputs))
     options = {"threshold": threshold, "pixel_threshold": pixel_threshold, "batch_size": batch_size,
-               "image_format": image_format, "write_images": write_images, "s3_endpoint": storage.s3_endpoint()}
+               "category": category, "image_format": image_format, "write_images": write_images,
+               "s3_endpoint": storage.s3_endpoint()}
     started = time.perf_counter()
     parts = shards(inputs, workers)
     with ray_session(address) as ray:

@@ -7,6 +7,7 @@ used by training (validation, thresholds, the final test evaluation) and by ``ag
 from __future__ import annotations
 
 import io
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from agp_data import storage
 from agp_models.base import AnomalyModel
 from agp_models.metrics import per_category_metrics
 from agpctl.distributed import WorkerContext, gather_to_main
+from agpctl.errors import UserError, first_line
 from agpctl.models import autocast, move_batch
 
 
@@ -70,6 +72,31 @@ class Predictions:
                             labels=self.labels, categories=np.array(self.categories), paths=np.array(self.paths))
         storage.write_bytes(path, buffer.getvalue())
 
+    @classmethod
+    def load_npz(cls, path: str) -> "Predictions":
+        """The predictions :meth:`save_npz` wrote (``agpctl eval --save-maps``), numbered 0..N-1."""
+        fix = "write one with `agpctl eval --run RUN --save-maps FILE.npz`"
+        names = ("scores", "maps", "masks", "labels", "categories", "paths")
+        try:
+            data = np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
+            with data:
+                missing = [name for name in names if name not in data.files]
+                if missing:
+                    raise ValueError(f"no {', '.join(missing)} in it")
+                fields = {name: data[name] for name in names}
+        except (ValueError, OSError, zipfile.BadZipFile) as exc:
+            raise UserError(f"{path} is not a maps file of agpctl eval --save-maps ({first_line(exc)}); {fix}") from None
+        count = len(fields["scores"])
+        if fields["maps"].ndim != 3 or fields["maps"].shape != fields["masks"].shape or any(
+                len(fields[name]) != count for name in names):
+            raise UserError(f"{path}: its scores, maps, masks, labels and paths do not match in length; {fix}")
+        return cls(indices=np.arange(count), scores=fields["scores"].astype(np.float32),
+                   maps=fields["maps"].astype(np.float32), masks=fields["masks"].astype(bool),
+                   labels=fields["labels"].astype(np.int64), categories=[str(c) for c in fields["categories"]],
+                   paths=[str(p) for p in fields["paths"]])
+
 
 def predict_dataset(model: AnomalyModel, dataset: Dataset, ctx: WorkerContext, batch_size: int, precision: str,
                     on_batch: Callable[[int, int], None] | None = None, loader_workers: int = 0,
@@ -104,16 +131,45 @@ def predict_dataset(model: AnomalyModel, dataset: Dataset, ctx: WorkerContext, b
     return Predictions.concatenate(shards).in_index_order()
 
 
+# Below this many held-out normal images a category's quantile is essentially the largest of
+# a handful of scores: one unusual image moves it, and it cannot tell a false-alarm rate under
+# 1/(n+1) from any other. The rule 1/(1-q) images (100 at the default q = 0.99) would flag
+# nearly every real category (val_fraction 0.1 of a few hundred images), so a fixed floor of
+# ten is the practical line: real datasets clear it, a handful of images does not.
+MIN_STABLE_IMAGES = 10
+
+
 def calibrate_thresholds(val: Predictions | None, quantile: float) -> dict[str, Any]:
     """Thresholds from held-out *normal* training images: ``quantile`` of their image
-    scores, and of their per-image maximum pixel values for the defect masks."""
+    scores, and of their per-image maximum pixel values for the defect masks; pooled over
+    every category (the fallback) and per category (``stable`` false, with a warning line,
+    when a category has fewer than :data:`MIN_STABLE_IMAGES` images)."""
     if val is None or len(val.scores) == 0:
-        return {"source": "none", "image": None, "pixel": None}
+        return {"source": "none", "image": None, "pixel": None, "per_category": {}, "warnings": []}
     pixel_max = val.maps.reshape(len(val.maps), -1).max(axis=1)
+    categories = np.array(val.categories)
+    per_category: dict[str, dict[str, Any]] = {}
+    warnings: list[str] = []
+    for category in sorted(set(val.categories)):
+        chosen = categories == category
+        count = int(chosen.sum())
+        stable = count >= MIN_STABLE_IMAGES
+        per_category[category] = {
+            "image": float(np.quantile(val.scores[chosen], quantile)),
+            "pixel": float(np.quantile(pixel_max[chosen], quantile)),
+            "images": count,
+            "stable": stable,
+        }
+        if not stable:
+            warnings.append(f"category {category}: only {count} held-out normal image(s) for its thresholds "
+                            f"(fewer than {MIN_STABLE_IMAGES}), so predict uses the pooled ones for it; "
+                            "raise --val-fraction or add normal images")
     return {
         "source": f"quantile {quantile} of {len(val.scores)} held-out normal training images",
         "quantile": quantile,
         "image": float(np.quantile(val.scores, quantile)),
         "pixel": float(np.quantile(pixel_max, quantile)),
         "normal_image_scores": {"mean": float(val.scores.mean()), "max": float(val.scores.max())},
+        "per_category": per_category,
+        "warnings": warnings,
     }

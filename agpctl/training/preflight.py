@@ -19,6 +19,7 @@ from agpctl.config import RunConfig, check_choices
 from agpctl.errors import UserError
 from agpctl.models import resolve_pretrained
 from agpctl.paths import absolute
+from agpctl.training.tracking import check_tracking
 
 LOCAL_PATH_FIELDS = (
     ("data", ("root", "normal_dir", "abnormal_dir", "mask_dir", "cache_dir", "texture_root")),
@@ -58,6 +59,7 @@ def check_config(cfg: RunConfig) -> None:
     (Ray workers run in their own directories: relative paths must not reach them)."""
     storage.configure_s3(cfg.storage.s3_endpoint)
     check_values(cfg)
+    check_tracking(cfg)
     absolute_local_paths(cfg)
     storage.check_writable_dir(cfg.storage.out)
 

@@ -13,7 +13,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 from torch.utils.data import DataLoader
@@ -30,12 +30,14 @@ from agpctl.cluster.connect import use_assigned_cpus
 from agpctl.config import RunConfig
 from agpctl.distributed import WorkerContext
 from agpctl.errors import UserError
+from agpctl.inference.categories import PAYLOAD_KEY, CategoryPrototypes, category_prototypes
 from agpctl.inference.scoring import calibrate_thresholds, predict_dataset
 from agpctl.models import backbone_summary, build_model, loader_generator, move_batch, seed_everything
 from agpctl.training.preflight import all_samples
 from agpctl.training.progress import ProgressSender
 from agpctl.training.sharding import ShardedBatchSampler
 from agpctl.training.steps import Trainer
+from agpctl.training.tracking import Tracking, start_tracking
 
 OBJECTIVE_METRICS = ("i_auroc", "p_auroc", "pro")
 
@@ -163,9 +165,12 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         trainer.restore(resume_payload)
         progress.message(f"resumed from epoch {trainer.state.epoch}")
     thresholds: dict[str, Any] = resume_payload.get("thresholds", {}) if resume_payload else {}
+    categories = category_state(model, base_train_set, cfg, ctx, resume_payload)
     epochs = cfg.train.epochs
     progress.start(epochs=epochs, steps_per_epoch=len(loader), start_epoch=trainer.state.epoch,
                    backbone=backbone_summary(model), train_images=len(base_train_set))
+    tracking = (start_tracking(cfg, run.run_uri, start_epoch=trainer.state.epoch, resumed=resume_payload is not None,
+                               warn=progress.warning) if ctx.is_main else Tracking())
     while trainer.state.epoch < epochs:
         epoch = trainer.state.epoch
         sampler.set_epoch(epoch)
@@ -181,11 +186,17 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         if save or validation_set is not None:  # validation predicts with the fitted inference state
             thresholds = finalise_inference_state(model, base_train_set, val_set, cfg, ctx, progress)
         if save:
-            payload = trainer.checkpoint_payload({"thresholds": thresholds, "backbone": backbone_summary(model)})
+            payload = trainer.checkpoint_payload({"thresholds": thresholds, "backbone": backbone_summary(model),
+                                                  **({PAYLOAD_KEY: categories.to_payload()} if categories else {})})
         metrics = {"epoch": done, "seconds": seconds, **{f"train/{k}": v for k, v in losses.items()}}
         if validation_set is not None:
             last_validation, validated = validate(model, validation_set, cfg, ctx), True
             metrics.update(last_validation)
+        if ctx.is_main:  # before the checkpoint is reported: a rerun of this epoch replaces its line
+            record = history_record(done, losses, trainer, len(train_set), seconds,
+                                    last_validation if validation_set is not None else None)
+            runs.append_history(run.run_uri, record)
+            tracking.epoch(record)
         progress.epoch_end(done, losses, seconds, saved=save)
         report(metrics, payload, done)
 
@@ -211,13 +222,36 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         "backbone": backbone_summary(model),
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
+    if categories is not None:
+        runs.write_categories(run.run_uri, categories.summary())
     runs.write_results(run.run_uri, table, summary, thresholds)
+    tracking.finished(table, epochs)
     mean = table.get("mean", {})
     # The last validation metrics travel with the final report, so every report of a run
     # carries the selection metric (Ray Tune requires it in each result).
     report({"epoch": epochs, "final": 1, **last_validation, **{f"test/{k}": v for k, v in mean.items()}}, None, None)
     progress.finished(table)
     return table
+
+
+def history_record(epoch: int, losses: dict[str, float], trainer: Trainer, images: int, seconds: float,
+                   validation: dict[str, float] | None) -> dict[str, Any]:
+    """One epoch's line of the run's history.jsonl (the format is in :mod:`agpctl.runs`);
+    ``images`` are the epoch's training images of all workers, ``validation`` the
+    :func:`validate` metrics when the run validates."""
+    first_optimizer = trainer.optimizers[0][0]
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "loss": losses["loss"],
+        "losses": dict(losses),
+        "lr": float(first_optimizer.param_groups[0]["lr"]),
+        "images_per_s": images / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
+    }
+    if validation is not None:
+        record["val"] = {name: validation.get(f"val/{name}") for name in (*OBJECTIVE_METRICS, "objective")}
+    record["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return record
 
 
 def build_validation_set(cfg: RunConfig, val_set, test_set):
@@ -258,7 +292,25 @@ def finalise_inference_state(model, train_set, val_set, cfg: RunConfig, ctx: Wor
         val = predict_dataset(model, val_set, WorkerContext(device=ctx.device), cfg.train.eval_batch_size,
                               cfg.train.precision, loader_workers=cfg.data.loader_workers)
     model.train()
-    return calibrate_thresholds(val, cfg.train.threshold_quantile)
+    thresholds = calibrate_thresholds(val, cfg.train.threshold_quantile)
+    for line in thresholds["warnings"]:  # the driver prints each distinct line once
+        progress.warning(line)
+    return thresholds
+
+
+def category_state(model, train_set, cfg: RunConfig, ctx: WorkerContext,
+                   resume_payload: dict[str, Any] | None) -> CategoryPrototypes | None:
+    """The category prototypes predict matches images against (agpctl.inference.categories),
+    on rank 0 only, which alone writes checkpoints: those of the checkpoint resumed from, else
+    computed once on the normal training images. The backbone is frozen, so they never change
+    as training goes on."""
+    if not ctx.is_main:
+        return None
+    stored = CategoryPrototypes.from_payload((resume_payload or {}).get(PAYLOAD_KEY))
+    if stored is not None:
+        return stored
+    return category_prototypes(model, train_set, ctx.device, cfg.train.eval_batch_size, cfg.train.precision,
+                               loader_workers=cfg.data.loader_workers)
 
 
 def _to_device(loader, device):

@@ -31,7 +31,7 @@ OUTSIDE = ("tests", "benchmarks")
 INDEPENDENT = {"agp_models": ("agpctl", "tuning", "agp_data"), "agp_data": ("agpctl", "tuning", "agp_models")}
 # agpctl's wings, left to right: a wing may import itself, the wings to its right and the root
 # modules (agpctl/*.py). Entry points (``__main__``) may import anything.
-WING_ORDER = ("agpctl.cli", "agpctl.training", "agpctl.inference", "agpctl.cluster")
+WING_ORDER = ("agpctl.cli", "agpctl.api", "agpctl.training", "agpctl.inference", "agpctl.cluster")
 
 
 # -- reading the source ---------------------------------------------------------------------
