@@ -18,35 +18,9 @@ from types import SimpleNamespace
 from ray.tune.schedulers import ASHAScheduler
 
 from agp_data import storage
-from agpctl.errors import UserError
+from tuning.state import STOPPED_FILE, agp_trial_id, read_early_stopped
 
-STOPPED_FILE = "early_stopped.json"
-TRIAL_KEY = "agp_trial"  # the key of a Tune trial's config that holds agp's trial id
-
-
-def agp_trial_id(trial) -> str:
-    """agp's id of a Tune trial (Tune's own id for a trial that carries none)."""
-    config = getattr(trial, "config", None) or {}
-    return str(config.get(TRIAL_KEY) or trial.trial_id)
-
-
-def read_early_stopped(sweep_uri: str, strict: bool = False) -> set[str]:
-    """The ids ASHA stopped. A missing file is an empty set; an unreadable one is too, or
-    with ``strict`` (resume) one clear line naming the file."""
-    uri = storage.join(sweep_uri, STOPPED_FILE)
-    if not storage.exists(uri):
-        return set()
-    try:
-        data = json.loads(storage.read_text(uri))
-    except (OSError, ValueError):
-        data = None
-    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-        if strict:
-            raise UserError(f"{uri}: expected a JSON list of trial ids; delete the file if the sweep used "
-                            "--scheduler fifo, or restore it from a backup")
-        return set()
-    return set(data)
-
+__all__ = ["RecordingASHA", "STOPPED_FILE", "agp_trial_id", "read_early_stopped"]
 
 class RecordingASHA(ASHAScheduler):
     def __init__(self, *args, sweep_uri: str, history: dict[str, list[tuple[int, float]]] | None = None, **kwargs):

@@ -78,28 +78,6 @@ class SearchSpace:
     source: str
     dimensions: list[Dimension]
 
-    def tune_domains(self, search: str) -> dict[str, Any]:
-        """Ray Tune domains keyed by dimension key (random search) or grid_search lists."""
-        from ray import tune  # deferred: see agpctl.cluster
-
-        domains: dict[str, Any] = {}
-        for dim in self.dimensions:
-            if search == "grid":
-                if dim.kind not in ("choice", "group"):
-                    raise SpaceError(f"{self.source}: {dim.key}: grid search needs choice values, not {dim.kind}; "
-                                     "use --search random or list the values with type: choice")
-                domains[dim.key] = tune.grid_search(list(range(len(dim.values))))
-            elif dim.kind == "uniform":
-                domains[dim.key] = tune.uniform(dim.low, dim.high)
-            elif dim.kind == "loguniform":
-                domains[dim.key] = tune.loguniform(dim.low, dim.high)
-            elif dim.kind == "randint":
-                domains[dim.key] = tune.randint(dim.low, dim.high)
-            else:
-                # Indices keep lists and mappings out of Tune's own variant resolution.
-                domains[dim.key] = tune.choice(list(range(len(dim.values))))
-        return domains
-
     def sample(self, rng) -> dict[str, Any]:
         """One random-search point drawn with ``rng`` (a ``numpy.random.Generator``): one
         draw per dimension, in the space's order, so a seed gives the same points."""

@@ -1,6 +1,5 @@
 """A sweep's own state, plain JSON in its folder: settings, the planned trials, one record per
-trial, and which trials ``--resume`` runs again. Importing it loads no Ray (only
-``read_early_stopped`` reaches ``tuning.schedulers``, which does).
+trial, and which trials ``--resume`` runs again. Importing it loads no Ray.
 
 The trials are planned up front, on the driver: random search draws ``--samples`` points
 from the space with a numpy generator seeded by ``train.seed``; grid search takes every
@@ -60,7 +59,8 @@ METRIC = "val/objective"
 SWEEP_FILE = "sweep.json"
 STATE_VERSION = 2  # sweep.json with planned trials; older sweeps (Tune state only) cannot be resumed
 TRIALS_DIR, RUNS_DIR, TUNE_DIR = "trials", "runs", "tune"
-TRIAL_KEY = "agp_trial"  # the Tune config key of agp's trial id (also tuning.schedulers.TRIAL_KEY)
+STOPPED_FILE = "early_stopped.json"
+TRIAL_KEY = "agp_trial"  # the key of a Tune trial's config that holds agp's trial id
 # Trial ids name files and folders: letters, digits, _ and -, nothing that leaves a folder.
 TRIAL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # A record's status as the driver last saw it; "running" on disk means the driver stopped
@@ -405,10 +405,30 @@ def finished_runs(runs_uri: str, records: dict[str, dict[str, Any]]) -> set[str]
             if record.get("final") and runs.has_metrics(storage.join(runs_uri, trial_id))}
 
 
-def read_early_stopped(sweep_uri: str, strict: bool = False) -> set[str]:
-    from tuning.schedulers import read_early_stopped as read  # deferred: imports Ray (see agpctl.cluster)
 
-    return read(sweep_uri, strict=strict)
+
+def agp_trial_id(trial) -> str:
+    """agp's id of a Tune trial (Tune's own id for a trial that carries none)."""
+    config = getattr(trial, "config", None) or {}
+    return str(config.get(TRIAL_KEY) or trial.trial_id)
+
+
+def read_early_stopped(sweep_uri: str, strict: bool = False) -> set[str]:
+    """The ids ASHA stopped. A missing file is an empty set; an unreadable one is too, or
+    with ``strict`` (resume) one clear line naming the file."""
+    uri = storage.join(sweep_uri, STOPPED_FILE)
+    if not storage.exists(uri):
+        return set()
+    try:
+        data = json.loads(storage.read_text(uri))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+        if strict:
+            raise UserError(f"{uri}: expected a JSON list of trial ids; delete the file if the sweep used "
+                            "--scheduler fifo, or restore it from a backup")
+        return set()
+    return set(data)
 
 
 def trials_to_run(plan: list[dict[str, Any]], records: dict[str, dict[str, Any]], early_stopped: set[str],

@@ -19,7 +19,7 @@ from agpctl.console import print_warning
 from agpctl.tables import format_percent, metrics_table
 from tuning.results import RESULTS_CSV, RESULTS_JSON, SweepOutcome, unfinished_trials
 from tuning.space import SearchSpace
-from tuning.state import METRIC, METRIC_FIELDS, TRIAL_KEY, TrialRecorder, read_early_stopped, read_trial_error
+from tuning.state import METRIC, METRIC_FIELDS, TrialRecorder, agp_trial_id, read_early_stopped, read_trial_error
 
 
 class SweepView:
@@ -131,21 +131,21 @@ def sweep_callback(recorder: TrialRecorder, view: SweepView | None):
                 self.view.update(trial_id, status, record)
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            trial_id = _agp_trial_id(trial)
+            trial_id = agp_trial_id(trial)
             self._show(trial_id, "running", self.recorder.started(trial_id))
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            trial_id = _agp_trial_id(trial)
+            trial_id = agp_trial_id(trial)
             self._show(trial_id, "running", self.recorder.result(trial_id, result))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            trial_id = _agp_trial_id(trial)
+            trial_id = agp_trial_id(trial)
             record = self.recorder.completed(trial_id, trial_id in read_early_stopped(self.recorder.sweep_uri))
             self._show(trial_id, record["status"], record)
 
         def on_trial_error(self, iteration, trials, trial, **info):
             _forget_error_pickle(trial)
-            trial_id = _agp_trial_id(trial)
+            trial_id = agp_trial_id(trial)
             record = self.recorder.errored(trial_id, read_trial_error(self.recorder.sweep_uri, trial_id))
             self._show(trial_id, "error", record)
 
@@ -159,10 +159,6 @@ def sweep_callback(recorder: TrialRecorder, view: SweepView | None):
 def _sweep_callback_elsewhere(sweep_uri: str, records: dict[str, dict[str, Any]], s3_endpoint: str | None):
     storage.configure_s3(s3_endpoint)
     return sweep_callback(TrialRecorder(sweep_uri, records, s3_endpoint), None)
-
-
-def _agp_trial_id(trial) -> str:
-    return str((getattr(trial, "config", None) or {}).get(TRIAL_KEY) or trial.trial_id)
 
 
 def _forget_error_pickle(trial) -> None:

@@ -16,7 +16,8 @@ from agpctl.cluster.jobs import submit_command
 from agpctl.console import console, print_warning
 from agpctl.errors import UserError
 from agpctl.inference.export import export_run
-from agpctl.inference.predict import check_threshold_options, run_predict
+from agpctl.inference.predict import run_predict
+from agpctl.inference.thresholds import check_threshold_options
 from agpctl.inference.predict_ray import run_predict_on_ray
 from agpctl.runs import to_json
 

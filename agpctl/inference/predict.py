@@ -35,8 +35,7 @@ from agp_data.images import is_image_file, read_image
 from agpctl import runs
 from agpctl.errors import UserError
 from agpctl.inference.detector import Detection, Detector
-# check_threshold_options and resolve_thresholds stay importable from here, where they were.
-from agpctl.inference.thresholds import Thresholds, check_threshold_options, resolve_thresholds  # noqa: F401
+from agpctl.inference.thresholds import Thresholds
 from agpctl.models import default_device
 
 CSV_FILE = "predictions.csv"

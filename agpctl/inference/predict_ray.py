@@ -28,7 +28,7 @@ from agpctl.inference.predict import (
     predict_images,
     write_tables,
 )
-from agpctl.inference.thresholds import resolve_thresholds
+from agpctl.inference.thresholds import check_threshold_options, is_auto, resolve_thresholds
 from agpctl.models import default_device
 from agpctl.paths import absolute
 
@@ -139,8 +139,8 @@ def run_predict_on_ray(source: str, run_uri: str, out: str, *, address: str | No
 
 
 def _check_thresholds(model_uri: str, threshold: str, pixel_threshold: float | None) -> None:
-    if str(threshold).lower() != "auto":
-        resolve_thresholds({}, threshold, pixel_threshold)
+    if not is_auto(threshold):
+        check_threshold_options(threshold, pixel_threshold)
         return
     stored = runs.stored_thresholds(model_uri)
     if stored is not None:  # else the tasks read them from the checkpoint

@@ -16,7 +16,8 @@ from PIL import Image
 from agp_data import storage
 from agpctl import runs
 from agpctl.cli import cli
-from agpctl.inference.predict import COLORMAP, colorize, discover_inputs, resolve_thresholds, run_predict
+from agpctl.inference.predict import COLORMAP, colorize, discover_inputs, run_predict
+from agpctl.inference.thresholds import resolve_thresholds
 from helpers import PREDICT_INPUTS as READABLE  # (file name, (width, height)) written by `image_folder`
 from helpers import read_csv
 

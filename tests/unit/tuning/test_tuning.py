@@ -120,15 +120,13 @@ def test_choice_and_group_indices_map_to_overrides():
 
 
 def test_grid_search_needs_choice_dimensions():
-    from ray import tune
-
     space = parse_space({"model.layers": {"type": "choice", "values": [[3], [6], [9]]},
                          "model.alpha_max": {"type": "choice", "values": [0.5, 1.0]}}, "agpnet")
-    domains = space.tune_domains("grid")
-    assert domains["model.layers"] == tune.grid_search([0, 1, 2]) and space.grid_size() == 6
+    grid = space.grid()
+    assert sorted({point["model.layers"] for point in grid}) == [0, 1, 2] and len(grid) == space.grid_size() == 6
     mixed = parse_space({"model.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-3}}, "agpnet")
     with pytest.raises(SpaceError, match="grid search needs choice values"):
-        mixed.tune_domains("grid")
+        mixed.grid()
 
 
 def test_cli_rejects_a_bad_space_in_one_line_before_ray(tmp_path):
