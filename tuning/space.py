@@ -1,4 +1,4 @@
-"""Search spaces: a YAML file of dotted config paths → Ray Tune domains.
+"""Search spaces: a YAML file of dotted config paths → the points a sweep trains.
 
 Format (one entry per varied config field; anything not named stays as the run config has it)::
 
