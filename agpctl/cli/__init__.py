@@ -1,5 +1,5 @@
 """The ``agpctl`` command line: one click group; each command group lives in its own module
-(``train`` + ``eval``, ``predict`` + ``export``, ``data``, ``tune``, ``jobs``, ``report``; ``run_flags`` is
+(``train`` + ``eval``, ``predict`` + ``export``, ``data``, ``tune``, ``jobs``, ``report``, ``serve``; ``run_flags`` is
 the table of training flags shared by ``train`` and ``tune``)."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ LAZY_COMMANDS = {
     "export": "agpctl.cli.predict:export",
     "tune": "agpctl.cli.tune:tune",
     "report": "agpctl.cli.report:report",
+    "serve": "agpctl.cli.serve:serve",
 }
 
 
