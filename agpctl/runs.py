@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from agp_data import storage
@@ -37,6 +36,7 @@ from agpctl.checkpoint import CHECKPOINT_DIR_PREFIX, CHECKPOINT_FILE, deserialis
 from agpctl.config import RunConfig
 from agpctl.errors import UserError
 from agpctl.models import build_model, default_device
+from agpctl.strict_json import to_json  # also this module's public name: runs.to_json
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -310,7 +310,7 @@ def append_history(run_uri: str, record: dict[str, Any]) -> None:
             earlier = _history_record(line)
             if line.strip() and (earlier is None or earlier["epoch"] < epoch):
                 kept.append(line)
-    kept.append(json.dumps(_finite(record), default=_json_default))
+    kept.append(to_json(record, indent=None))
     storage.write_text(path, "\n".join(kept) + "\n")
 
 
@@ -377,26 +377,3 @@ def write_json(uri: str, data: Any) -> None:
 
 def read_json(uri: str) -> Any:
     return json.loads(storage.read_text(uri))
-
-
-def to_json(data: Any) -> str:
-    """Strict JSON: NaN (a metric undefined for a one-class category) becomes null."""
-    return json.dumps(_finite(data), indent=2, sort_keys=False, default=_json_default)
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and value != value:
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

@@ -10,21 +10,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from agp_data import storage
-from agpctl.cli.jobs import follow_submitted
 from agpctl.cluster.connect import address_kind
-from agpctl.cluster.jobs import submit_command
 from agpctl.console import console, print_warning
 from agpctl.errors import UserError
-from agpctl.inference.export import export_run
-from agpctl.inference.predict import run_predict
+from agpctl.inference.predict import run_predict, run_predict_model
 from agpctl.inference.thresholds import check_threshold_options
-from agpctl.inference.predict_ray import run_predict_on_ray
-from agpctl.runs import to_json
+from agpctl.strict_json import to_json
+
+# Modules that load torch (a run's model, Ray jobs, export) are imported inside the commands
+# that need them: ``agpctl predict --model model.onnx`` runs where torch is not installed.
 
 
 @click.command()
 @click.argument("source", metavar="INPUT")
-@click.option("--run", "run_uri", required=True, help="run directory or s3:// URI written by agpctl train")
+@click.option("--run", "run_uri", help="run directory or s3:// URI written by agpctl train")
+@click.option("--model", "model_uri", help="an ONNX file written by agpctl export --format onnx (with its .json "
+                                           "beside it), in place of --run: runs with onnxruntime, no torch needed")
 @click.option("--out", required=True, help="output folder or s3://bucket/prefix")
 @click.option("--threshold", default="auto", show_default=True,
               help="'auto' (calibrated on held-out normal training images) or an image-score value")
@@ -44,14 +45,20 @@ from agpctl.runs import to_json
                                  "or auto; INPUT, --run and --out must then be s3:// or shared paths")
 @click.option("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
-def predict(source, run_uri, out, threshold, pixel_threshold, category, recursive, batch_size, image_format, no_images,
-            top, workers, gpus_per_worker, address, s3_endpoint, as_json):
+def predict(source, run_uri, model_uri, out, threshold, pixel_threshold, category, recursive, batch_size, image_format,
+            no_images, top, workers, gpus_per_worker, address, s3_endpoint, as_json):
     """Score images with a trained run: CSV/JSON of scores plus heatmaps, overlays and masks.
 
     INPUT is an image, a folder, a glob ("parts/*.png") or an s3:// prefix. Unreadable files
     are reported and skipped. By default runs in this process (GPU when present); --workers N
-    shares the images among N Ray tasks, --address runs them on a Ray cluster.
+    shares the images among N Ray tasks, --address runs them on a Ray cluster. --model
+    MODEL.onnx scores with an exported model instead of a run, in this process.
     """
+    if (run_uri is None) == (model_uri is None):
+        raise UserError("give either --run RUN_DIR (a trained run) or --model MODEL.onnx (an exported model)")
+    if model_uri is not None and (workers > 1 or address or gpus_per_worker is not None):
+        raise UserError("--model runs in this process: drop --workers/--address/--gpus-per-worker, "
+                        "or use --run with the run to predict on Ray")
     if workers < 1:
         raise UserError("--workers must be at least 1")
     storage.configure_s3(s3_endpoint)
@@ -73,7 +80,11 @@ def predict(source, run_uri, out, threshold, pixel_threshold, category, recursiv
         task = progress.add_task("predict", total=None)
         hooks = dict(on_start=lambda total: progress.update(task, total=total),
                      on_progress=lambda done, total: progress.update(task, completed=done))
-        if workers > 1 or address:
+        if model_uri is not None:
+            report = run_predict_model(source, model_uri, out, on_warning=print_warning, **common, **hooks)
+        elif workers > 1 or address:
+            from agpctl.inference.predict_ray import run_predict_on_ray
+
             report = run_predict_on_ray(source, run_uri, out, address=address, workers=workers,
                                         gpus_per_worker=gpus_per_worker, on_warning=print_warning, **common, **hooks)
         else:
@@ -90,6 +101,9 @@ def predict(source, run_uri, out, threshold, pixel_threshold, category, recursiv
 def _submit_predict_job(address, source, run_uri, out, threshold, pixel_threshold, category, recursive, batch_size,
                         image_format, no_images, top, workers, gpus_per_worker) -> None:
     """Ray Jobs: the whole predict runs on the cluster, from the paths as the cluster sees them."""
+    from agpctl.cli.jobs import follow_submitted
+    from agpctl.cluster.jobs import submit_command
+
     args = ["predict", source, "--run", run_uri, "--out", out, "--threshold", str(threshold), "--address", "auto",
             "--workers", str(workers), "--format", image_format, "--top", str(top)]
     for flag, value in (("--pixel-threshold", pixel_threshold), ("--category", category),
@@ -144,8 +158,12 @@ def export(run_uri, fmt, out, image_size, category, opset, batch_size, s3_endpoi
 
     Input: float32 RGB in [0, 1], shape (B, 3, S, S) (normalisation is inside). Outputs: the
     anomaly map (B, S, S) and the image score (B,). The run's thresholds are stored in the
-    file's metadata.
+    file's metadata. ONNX: OUT.json beside it holds what inference needs besides the graph
+    (input size, map resizing, thresholds per category, category prototypes), for
+    agpctl predict --model OUT and agpctl.api.load(OUT) without torch.
     """
+    from agpctl.inference.export import export_run
+
     storage.configure_s3(s3_endpoint)
     storage.check_writable_file(out)
     with console.status(f"exporting to {fmt}", spinner="dots") if not as_json else contextlib.nullcontext():
@@ -160,4 +178,7 @@ def export(run_uri, fmt, out, image_size, category, opset, batch_size, s3_endpoi
     console.print(f"verified on {result.verified_images} images (batch sizes {result.verified_batch_sizes}): "
                   f"max abs diff map {result.map_max_abs_diff:.3g}, score {result.score_max_abs_diff:.3g} "
                   f"(tolerance {result.tolerance:.3g})")
+    if result.sidecar:
+        console.print(f"inference settings: [cyan]{result.sidecar}[/] (keep it beside the model; "
+                      f"agpctl predict --model {result.path} runs both without torch)")
 

@@ -13,7 +13,6 @@ concatenated. Similarity is cosine.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from agp_data import storage
 from agp_models.base import AnomalyModel
-from agpctl.errors import UserError
+from agpctl.inference.detection import category_in_path, check_category  # noqa: F401 - torch-free, re-exported
 from agpctl.models import autocast
 
 PAYLOAD_KEY = "categories"  # where a checkpoint payload holds the prototypes
@@ -79,27 +77,3 @@ def category_prototypes(model: AnomalyModel, dataset: Dataset, device: torch.dev
     names = sorted(sums)
     vectors = torch.stack([sums[n] / counts[n] for n in names]) if names else torch.zeros(0, 0)
     return CategoryPrototypes(names, vectors, [counts[n] for n in names])
-
-
-def category_in_path(path: str | None, names: list[str]) -> str | None:
-    """The deepest folder of ``path`` whose name is one of ``names`` (``<root>/<category>/test/...``
-    of the MVTec layout and its kin), or None. The file name itself never counts."""
-    if not path or not names:
-        return None
-    if storage.is_s3(path):
-        folders = path[len("s3://"):].split("/")[1:-1]  # without the bucket and the file name
-    else:
-        folders = os.path.normpath(str(path)).replace("\\", "/").split("/")[:-1]
-    known = set(names)
-    for folder in reversed(folders):
-        if folder in known:
-            return folder
-    return None
-
-
-def check_category(category: str | None, names: list[str], run: str) -> str | None:
-    """``category`` when the run knows it (or knows no names: a run from before they were
-    recorded); a name the run does not know is the user's mistake."""
-    if category is not None and names and category not in names:
-        raise UserError(f"{run} has no category {category!r}; choose one of {', '.join(sorted(names))}")
-    return category

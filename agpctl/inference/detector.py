@@ -16,48 +16,33 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from agp_data import storage
-from agp_data.errors import DataError
-from agp_data.images import read_image, rgb_array
+from agp_data.tiling import Tiling, to_working_resolution
 from agp_models.base import AnomalyModel
 from agpctl import runs
 from agpctl.errors import UserError
-from agpctl.inference.categories import (
-    PAYLOAD_KEY,
-    CategoryPrototypes,
-    category_in_path,
+from agpctl.inference.categories import PAYLOAD_KEY, CategoryPrototypes, pooled_features
+# The torch-free half, shared with the ONNX runtime (Detection is re-exported from here).
+from agpctl.inference.detection import (
+    Detection,
+    FoundCategory,
+    as_images,
     check_category,
-    pooled_features,
+    decide,
+    decode,
+    find_categories,
+    resized_rgb,
 )
 from agpctl.inference.thresholds import ThresholdPolicy
+from agpctl.inference.tiled_scoring import score_image, tile_batches
 from agpctl.models import autocast, default_device
 
-ACCEPTED = ("an image path, a PIL image, a numpy array (HxWx3, uint8 or float in [0, 1]), "
-            "a torch tensor (3xHxW or Bx3xHxW, RGB in [0, 1]) or a list of them")
-
-
-@dataclass(eq=False)  # arrays have no single truth value: compare fields, not detections
-class Detection:
-    """The decision on one image; ``map`` and ``mask`` have the image's original size."""
-
-    score: float
-    map: np.ndarray = field(repr=False)  # (H, W) float32 anomaly map
-    mask: np.ndarray = field(repr=False)  # (H, W) bool: map > pixel_threshold
-    anomalous: bool  # score > image_threshold
-    category: str | None
-    category_source: str  # given | single | path | inferred | unknown
-    category_similarity: float | None  # cosine similarity to the category's prototype (inferred only)
-    image_threshold: float
-    pixel_threshold: float
-    path: str | None = None  # the input's path, when it was given as one
+__all__ = ["Detection", "Detector", "load_detector", "resize_maps", "run_categories"]
 
 
 class Detector:
@@ -66,7 +51,7 @@ class Detector:
     def __init__(self, model: AnomalyModel, thresholds: ThresholdPolicy, *, precision: str = "fp32",
                  batch_size: int = 16, prototypes: CategoryPrototypes | None = None,
                  categories: Iterable[str] = (), category: str | None = None, run: str = "this run",
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, tiling: Tiling | None = None):
         if batch_size < 1:
             raise UserError("--batch-size must be at least 1")
         self.model = model
@@ -79,6 +64,7 @@ class Detector:
         self.device = device or next(iter(model.parameters()), torch.zeros(0)).device
         self.category = check_category(category, self.categories, run)
         self.size = int(model.cfg.image_size)
+        self.tiling = tiling  # the run's: whole images are cut, scored tile by tile, stitched
         self._mean = torch.tensor(model.backbone.mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(model.backbone.std, dtype=torch.float32).view(3, 1, 1)
 
@@ -87,62 +73,77 @@ class Detector:
                  pixel_threshold: float | None = None, batch_size: int | None = None,
                  device: torch.device | None = None, warn: Callable[[str], None] | None = None) -> "Detector":
         prototypes = CategoryPrototypes.from_payload(run.checkpoint.payload.get(PAYLOAD_KEY))
-        # Runs from before prototypes were stored still name their categories here.
-        known = list(run.thresholds.get("per_category") or {}) or list(run.cfg.data.categories or [])
         policy = ThresholdPolicy(run.thresholds, threshold, pixel_threshold, run=run.uri, warn=warn)
         return cls(run.model, policy, precision=run.cfg.train.precision,
                    batch_size=batch_size or run.cfg.train.eval_batch_size, prototypes=prototypes,
-                   categories=known, category=category, run=run.uri, device=device)
+                   categories=run_categories(run, prototypes), category=category, run=run.uri, device=device,
+                   tiling=Tiling.from_config(run.cfg.data))
 
     # -- the shared path -------------------------------------------------------------------
     def preprocess(self, rgb: np.ndarray) -> torch.Tensor:
-        """(H, W, 3) uint8 RGB → the model's (3, S, S) normalised input, on the CPU."""
-        image = Image.fromarray(rgb).resize((self.size, self.size), Image.Resampling.BILINEAR)
-        resized = np.asarray(image, dtype=np.float32) / 255.0
-        return (torch.from_numpy(resized).permute(2, 0, 1) - self._mean) / self._std
+        """(H, W, 3) uint8 RGB → the model's (3, S, S) normalised input, on the CPU; with a
+        tiling the whole image at the working resolution (3, H', W'), cut later by :meth:`detect`."""
+        if self.tiling is not None:
+            working = to_working_resolution(rgb, self.tiling)
+            pixels = torch.from_numpy(np.array(working, dtype=np.float32)).permute(2, 0, 1) / 255.0
+            return (pixels - self._mean) / self._std
+        return (torch.from_numpy(resized_rgb(rgb, self.size)).permute(2, 0, 1) - self._mean) / self._std
+
+    def collate(self, images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """Preprocessed images as one batch for :meth:`detect` (tiled: the list, sizes may differ)."""
+        return list(images) if self.tiling is not None else torch.stack(images)
 
     def detect(self, images: torch.Tensor, sizes: list[tuple[int, int]], paths: list[str | None] | None = None,
                category: str | None = None) -> list[Detection]:
         """Decisions on a batch of preprocessed ``images`` (B, 3, S, S) whose originals had
         ``sizes`` (height, width); ``paths`` may name the category, ``category`` names it."""
         paths = paths or [None] * len(images)
+        if self.tiling is not None:
+            return self._detect_tiled(images, sizes, paths, category)
         images = images.to(self.device)
         with torch.no_grad(), autocast(self.precision, self.device):
             prediction = self.model.predict(images)
         scores = prediction.scores.float().cpu().numpy()
         maps = resize_maps(prediction.maps, sizes)
         found = self.categories_of(images, paths, category)
-        detections = []
-        for score, full_map, (name, source, similarity), path in zip(scores, maps, found, paths):
-            chosen = self.thresholds.for_category(name)
-            detections.append(Detection(
-                score=float(score), map=full_map, mask=full_map > chosen.pixel, anomalous=bool(score > chosen.image),
-                category=name, category_source=source, category_similarity=similarity,
-                image_threshold=chosen.image, pixel_threshold=chosen.pixel, path=path,
-            ))
-        return detections
+        return [decide(score, full_map, one, self.thresholds, path)
+                for score, full_map, one, path in zip(scores, maps, found, paths)]
 
     def categories_of(self, images: torch.Tensor, paths: list[str | None], category: str | None = None
-                      ) -> list[tuple[str | None, str, float | None]]:
+                      ) -> list[FoundCategory]:
         """(category, source, similarity) of each image; see the module's docstring."""
         given = check_category(category, self.categories, self.run) if category is not None else self.category
-        if given is not None:
-            return [(given, "given", None)] * len(images)
-        if len(self.categories) == 1:
-            return [(self.categories[0], "single", None)] * len(images)
-        found: list[tuple[str | None, str, float | None]] = [(None, "unknown", None)] * len(images)
-        unnamed = []
-        for i, path in enumerate(paths):
-            name = category_in_path(path, self.categories)
-            if name is None:
-                unnamed.append(i)
-            else:
-                found[i] = (name, "path", None)
-        if unnamed and self.prototypes is not None and self.prototypes.names:
-            features = pooled_features(self.model, images[unnamed], self.precision)
-            for i, (name, similarity) in zip(unnamed, self.prototypes.nearest(features)):
-                found[i] = (name, "inferred", similarity)
-        return found
+
+        def nearest(indices: list[int]) -> list[tuple[str, float]]:
+            return self.prototypes.nearest(self._pooled(images, indices))
+
+        inferable = self.prototypes is not None and bool(self.prototypes.names)
+        return find_categories(paths, self.categories, given, nearest if inferable else None)
+
+    def _pooled(self, images: torch.Tensor | list[torch.Tensor], indices: list[int]) -> torch.Tensor:
+        """Pooled features of ``images[indices]``; tiled: the mean over each image's tiles, as the
+        prototypes of a tiled run are means over training tiles."""
+        if self.tiling is None:
+            return pooled_features(self.model, images[indices], self.precision)
+        rows = []
+        for i in indices:
+            tiles, _ = tile_batches(images[i], self.tiling, self.size)
+            rows.append(torch.cat([pooled_features(self.model, tiles[s:s + self.batch_size].to(self.device),
+                                                   self.precision) for s in range(0, len(tiles), self.batch_size)
+                                   ]).mean(dim=0))
+        return torch.stack(rows)
+
+    def _detect_tiled(self, images: list[torch.Tensor], sizes: list[tuple[int, int]], paths: list[str | None],
+                      category: str | None) -> list[Detection]:
+        found = self.categories_of(images, paths, category)
+        detections = []
+        for image, size, one, path in zip(images, sizes, found, paths):
+            full_map, score = score_image(self.model, image, self.tiling, self.batch_size, self.precision,
+                                          self.device, one[0])
+            if full_map.shape != tuple(size):  # a working resolution: back to the original's size
+                full_map = resize_maps(torch.from_numpy(full_map)[None], [size])[0]
+            detections.append(decide(score, full_map, one, self.thresholds, path))
+        return detections
 
     # -- the Python API -------------------------------------------------------------------
     def predict(self, images: Any, category: str | None = None) -> list[Detection]:
@@ -150,16 +151,24 @@ class Detector:
         ``s3://``), a PIL image, a numpy array (HxWx3 uint8, or float RGB in [0, 1]; NxHxWx3 for
         several), a torch tensor (3xHxW or Bx3xHxW RGB in [0, 1], or uint8), or a list of them.
         ``category`` names the images' category (else the detector's, else found per image)."""
-        inputs = _inputs(images)
+        inputs = as_images(images)
         check_category(category, self.categories, self.run)
         detections: list[Detection] = []
         for start in range(0, len(inputs), self.batch_size):
-            chunk = [(_decode(item), item if isinstance(item, str) else None)
+            chunk = [(decode(item), item if isinstance(item, str) else None)
                      for item in inputs[start:start + self.batch_size]]
-            batch = torch.stack([self.preprocess(rgb) for rgb, _ in chunk])
+            batch = self.collate([self.preprocess(rgb) for rgb, _ in chunk])
             detections += self.detect(batch, [rgb.shape[:2] for rgb, _ in chunk], [path for _, path in chunk],
                                       category)
         return detections
+
+
+def run_categories(run: runs.LoadedRun, prototypes: CategoryPrototypes | None) -> list[str]:
+    """The sorted names of the categories ``run``'s model knows."""
+    if prototypes is not None:
+        return sorted(prototypes.names)
+    # Runs from before prototypes were stored still name their categories here.
+    return sorted(list(run.thresholds.get("per_category") or {}) or list(run.cfg.data.categories or []))
 
 
 def load_detector(run: str | os.PathLike, category: str | None = None, *, threshold: str | float = "auto",
@@ -186,65 +195,3 @@ def resize_maps(maps: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.nda
         out.append(resized[0, 0].cpu().numpy())
     return out
 
-
-# -- inputs of the Python API ---------------------------------------------------------------
-def _inputs(images: Any) -> list[str | np.ndarray]:
-    """``images`` as a flat list of paths (checked to exist when local) and (H, W, 3) arrays
-    (converted and checked now, so a bad input fails before any image is scored)."""
-    if isinstance(images, (list, tuple)):
-        return [one for item in images for one in _inputs(item)]
-    if isinstance(images, (str, os.PathLike)):
-        path = os.fspath(images)
-        if not storage.is_s3(path):
-            if os.path.isdir(path):
-                raise UserError(f"{path} is a folder; pass image paths (e.g. sorted(glob.glob('{path}/*.png')))")
-            if not os.path.isfile(path):
-                raise UserError(f"image {path} does not exist; check the path")
-        return [path]
-    if isinstance(images, Image.Image):
-        try:
-            return [rgb_array(images)]
-        except DataError as exc:
-            raise UserError(str(exc)) from None
-    if isinstance(images, torch.Tensor):
-        return _from_tensor(images)
-    if isinstance(images, np.ndarray):
-        return _from_array(images)
-    raise UserError(f"cannot score a {type(images).__name__}; pass {ACCEPTED}")
-
-
-def _from_tensor(tensor: torch.Tensor) -> list[np.ndarray]:
-    if tensor.ndim == 3 and tensor.shape[0] == 3:
-        return _from_array(tensor.detach().cpu().permute(1, 2, 0).numpy(), what="tensor")
-    if tensor.ndim == 4 and tensor.shape[1] == 3:
-        return _from_array(tensor.detach().cpu().permute(0, 2, 3, 1).numpy(), what="tensor")
-    raise UserError(f"a torch tensor image must be 3xHxW or Bx3xHxW RGB, got shape {tuple(tensor.shape)}")
-
-
-def _from_array(array: np.ndarray, what: str = "numpy array") -> list[np.ndarray]:
-    if array.ndim == 4 and array.shape[-1] == 3:
-        return [one for image in array for one in _from_array(image, what)]
-    if array.ndim != 3 or array.shape[-1] != 3 or 0 in array.shape:
-        expected = "3xHxW or Bx3xHxW" if what == "tensor" else "HxWx3 (or NxHxWx3)"
-        raise UserError(f"a {what} image must be {expected} RGB, got shape {tuple(array.shape)}; "
-                        "convert grey or RGBA images to RGB first")
-    if array.dtype == np.uint8:
-        return [np.ascontiguousarray(array)]
-    if not np.issubdtype(array.dtype, np.floating):
-        raise UserError(f"a {what} image must be uint8 (0-255) or float (RGB in [0, 1]), got {array.dtype}")
-    low, high = float(np.min(array)), float(np.max(array))
-    if not (np.isfinite(low) and np.isfinite(high)) or low < 0.0 or high > 1.0:
-        raise UserError(f"a float {what} image must hold RGB values in [0, 1], got values from {low:g} to {high:g}"
-                        f"{' (divide by 255)' if high > 1.0 else ''}")
-    # To 8 bits, as files are: the model was trained on 8-bit images, and a float image then
-    # scores exactly like the uint8 image (or file) it came from.
-    return [np.round(array * 255.0).astype(np.uint8)]
-
-
-def _decode(item: str | np.ndarray) -> np.ndarray:
-    if isinstance(item, np.ndarray):
-        return item
-    try:
-        return np.asarray(read_image(item))
-    except DataError as exc:
-        raise UserError(str(exc)) from None

@@ -6,6 +6,12 @@ the method and its post-processing — so a deployment needs nothing from agp:
     input  ``image``  float32 (B, 3, S, S), RGB in [0, 1]
     output ``map``    float32 (B, S, S) anomaly map (same scale as ``agpctl predict``)
     output ``score``  float32 (B,) image anomaly score
+    output ``features`` float32 (B, D) pooled backbone features (ONNX of a multi-class run only:
+                      an image's category is the closest prototype of the sidecar)
+
+Resizing an image to S×S, the map back to the image's size, categories and thresholds are not
+in the graph: an ONNX export writes them to a sidecar (``<out>.json``, see
+:mod:`agpctl.inference.onnx_sidecar`) that :mod:`agpctl.inference.onnx_runtime` reads.
 
 State a method needs at inference (OneNIP's prompt pool and score normalisation) lives in
 buffers, so tracing carries it into the file. When ``S`` differs from the size the model was
@@ -33,8 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agp_data import storage
+from agp_data.tiling import Tiling
 from agpctl import runs
 from agpctl.errors import UserError
+from agpctl.inference import onnx_sidecar
+from agpctl.inference.categories import PAYLOAD_KEY, CategoryPrototypes, pooled_features
+from agpctl.inference.detector import run_categories
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
@@ -49,9 +59,10 @@ class ExportedAnomalyModel(nn.Module):
     """RGB in [0, 1] (B, 3, S, S) → (map (B, S, S), score (B,)). Registers the backbone as a
     sub-module (an :class:`AnomalyModel` deliberately does not) so its weights are exported."""
 
-    def __init__(self, model: nn.Module, image_size: int | None = None):
+    def __init__(self, model: nn.Module, image_size: int | None = None, with_features: bool = False):
         super().__init__()
         self.method = model
+        self.with_features = with_features  # a third output: pooled features for category inference
         self.backbone = model.backbone  # the same object the method calls
         self.model_size = int(model.cfg.image_size)
         self.image_size = int(image_size or self.model_size)
@@ -60,7 +71,7 @@ class ExportedAnomalyModel(nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
 
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
         x = (image - self.mean) / self.std
         if self.image_size != self.model_size:
             x = F.interpolate(x, size=(self.model_size, self.model_size), mode="bilinear", align_corners=False)
@@ -69,6 +80,8 @@ class ExportedAnomalyModel(nn.Module):
         if self.image_size != self.model_size:
             maps = F.interpolate(maps.unsqueeze(1), size=(self.image_size, self.image_size), mode="bilinear",
                                  align_corners=False).squeeze(1)
+        if self.with_features:
+            return maps, prediction.scores.float(), pooled_features(self.method, x)
         return maps, prediction.scores.float()
 
 
@@ -85,6 +98,8 @@ class ExportResult:
     verified_images: int
     verified_batch_sizes: list[int]
     batch_size: int | None  # None: any batch size; else the graph's fixed batch size
+    sha256: str = ""  # of the written file
+    sidecar: str | None = None  # ONNX: what inference needs besides the graph (onnx_sidecar)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -118,18 +133,21 @@ def check_exportable(model: nn.Module) -> None:
 
 
 def export_model(model: nn.Module, out: str, fmt: str, image_size: int | None = None, opset: int = DEFAULT_OPSET,
-                 metadata: dict[str, Any] | None = None, batch_size: int | None = None) -> ExportResult:
-    """Export ``model`` (an eval-mode AnomalyModel) to ``out`` (local or s3://) and verify it."""
+                 metadata: dict[str, Any] | None = None, batch_size: int | None = None,
+                 with_features: bool = False) -> ExportResult:
+    """Export ``model`` (an eval-mode AnomalyModel) to ``out`` (local or s3://) and verify it;
+    ``with_features`` (ONNX) adds the ``features`` output category inference compares."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
     if opset < 17:
         raise UserError(f"--opset {opset} is too old; use 17 or newer")
     check_exportable(model)
     model = model.to("cpu").eval()
-    wrapper = ExportedAnomalyModel(model, image_size).eval()
+    wrapper = ExportedAnomalyModel(model, image_size, with_features=with_features and fmt == "onnx").eval()
     size = wrapper.image_size
     meta = {"method": model.name, "image_size": size, "input": "image float32 (B,3,S,S) RGB in [0,1]",
-            "outputs": "map (B,S,S), score (B,)", **(metadata or {})}
+            "outputs": "map (B,S,S), score (B,)" + (", features (B,D)" if wrapper.with_features else ""),
+            **(metadata or {})}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about constant shapes: sizes are fixed by design
         if fmt == "onnx":
@@ -155,11 +173,12 @@ def _export_onnx(wrapper: nn.Module, opset: int, metadata: dict[str, Any], batch
     for fixed in attempts:
         example = verification_images(wrapper.image_size, fixed or 2, seed=1)
         buffer = io.BytesIO()
-        dynamic = None if fixed else {"image": {0: "batch"}, "map": {0: "batch"}, "score": {0: "batch"}}
+        outputs = ["map", "score"] + (["features"] if wrapper.with_features else [])
+        dynamic = None if fixed else {name: {0: "batch"} for name in ["image", *outputs]}
         try:
             with _quiet_native_stderr():  # on failure the exporter's C++ side logs the whole graph
                 torch.onnx.export(wrapper, (example,), buffer, dynamo=False, opset_version=opset, input_names=["image"],
-                                  output_names=["map", "score"], dynamic_axes=dynamic, do_constant_folding=True)
+                                  output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
         except torch.onnx.errors.SymbolicValueError as exc:  # a shape-derived kernel: retry with a fixed batch
             last_error = exc
             continue
@@ -223,7 +242,7 @@ def verify_export(wrapper: nn.Module, data: bytes, fmt: str, out: str, fixed_bat
     size = wrapper.image_size
     images = verification_images(size, VERIFY_IMAGES, seed=7)
     with torch.no_grad():
-        ref_maps, ref_scores = (t.numpy() for t in wrapper(images))
+        ref_maps, ref_scores = (t.numpy() for t in wrapper(images)[:2])
     map_diff = score_diff = 0.0
     batch_sizes = [fixed_batch] if fixed_batch else [VERIFY_IMAGES, 1]
     for batch in batch_sizes:
@@ -238,7 +257,7 @@ def verify_export(wrapper: nn.Module, data: bytes, fmt: str, out: str, fixed_bat
     result = ExportResult(path=out, format=fmt, image_size=size, method=wrapper.method.name, bytes=len(data),
                           map_max_abs_diff=map_diff, score_max_abs_diff=score_diff, tolerance=tolerance,
                           verified_images=VERIFY_IMAGES, verified_batch_sizes=batch_sizes,
-                          batch_size=fixed_batch)
+                          batch_size=fixed_batch, sha256=onnx_sidecar.sha256(data))
     if not (map_diff <= tolerance and score_diff <= tolerance):
         raise UserError(f"exported model {out} does not match PyTorch: max abs diff maps {map_diff:.3g}, scores "
                         f"{score_diff:.3g} > tolerance {tolerance:.3g}; report this with the run's config")
@@ -248,8 +267,39 @@ def verify_export(wrapper: nn.Module, data: bytes, fmt: str, out: str, fixed_bat
 def export_run(run_uri: str, out: str, fmt: str, image_size: int | None = None, category: str | None = None,
                opset: int = DEFAULT_OPSET, batch_size: int | None = None,
                on_warning: Callable[[str], None] | None = None) -> ExportResult:
-    """Load the run's latest checkpoint (on the CPU) and export it; thresholds go into metadata."""
+    """Load the run's latest checkpoint (on the CPU) and export it; thresholds go into metadata.
+    ONNX: the sidecar beside ``out`` is written once the model verified."""
     run = runs.load_run(runs.select_model_run(run_uri, category), torch.device("cpu"), warn=on_warning)
     thresholds = {k: run.thresholds.get(k) for k in ("image", "pixel", "source")}
-    metadata = {"run": run.uri, "epoch": run.checkpoint.epoch, "thresholds": thresholds}
-    return export_model(run.model, out, fmt, image_size, opset, metadata, batch_size)
+    tiling = Tiling.from_config(run.cfg.data)  # a tiled run's model scores tiles: the deployment must cut alike
+    metadata = {"run": run.uri, "epoch": run.checkpoint.epoch, "thresholds": thresholds,
+                "tiling": None if tiling is None else tiling.to_dict()}
+    prototypes = CategoryPrototypes.from_payload(run.checkpoint.payload.get(PAYLOAD_KEY))
+    # A category is inferred only for a model of several categories.
+    infers = prototypes is not None and len(prototypes.names) > 1
+    result = export_model(run.model, out, fmt, image_size, opset, metadata, batch_size, with_features=infers)
+    if fmt == "onnx":
+        result.sidecar = onnx_sidecar.write_sidecar(out, export_sidecar(run, result, prototypes))
+    return result
+
+
+def export_sidecar(run: runs.LoadedRun, result: ExportResult, prototypes: CategoryPrototypes | None
+                   ) -> onnx_sidecar.Sidecar:
+    """What the ONNX runtime needs of ``run`` besides the graph ``result`` describes."""
+    model = run.model
+    tiling = Tiling.from_config(run.cfg.data)
+    stored_prototypes = None if prototypes is None or len(prototypes.names) < 2 else {
+        "names": list(prototypes.names), "vectors": prototypes.vectors.float().tolist(),
+        "images": list(prototypes.images), "feature": "the graph's features output; cosine similarity"}
+    return onnx_sidecar.Sidecar(
+        method=model.name, run=run.uri, epoch=run.checkpoint.epoch,
+        model={"file": result.path.replace("\\", "/").rsplit("/", 1)[-1], "bytes": result.bytes,
+               "sha256": result.sha256},
+        input=onnx_sidecar.input_description(result.image_size, model.cfg.image_size, model.backbone.mean,
+                                             model.backbone.std, result.batch_size),
+        thresholds=dict(run.thresholds), categories=run_categories(run, prototypes), prototypes=stored_prototypes,
+        tiling=None if tiling is None else tiling.to_dict(), scoring=None if tiling is None else {
+            "image_size": int(model.cfg.image_size), "smoothing_sigma": float(model.cfg.smoothing_sigma or 0.0),
+            "score_sigma": getattr(model.cfg, "score_sigma", None), "score_pool": int(model.cfg.score_pool)},
+        precision=run.cfg.train.precision,
+        eval_batch_size=int(run.cfg.train.eval_batch_size), postprocess=dict(onnx_sidecar.POSTPROCESS))

@@ -23,20 +23,27 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Union
 
 import numpy as np
-import torch
 from PIL import Image
 
 from agp_data import storage
 from agp_data.errors import DataError
 from agp_data.images import is_image_file, read_image
-from agpctl import runs
 from agpctl.errors import UserError
-from agpctl.inference.detector import Detection, Detector
+from agpctl.inference.detection import Detection
+from agpctl.inference.onnx_runtime import load_onnx_detector
 from agpctl.inference.thresholds import Thresholds
-from agpctl.models import default_device
+from agpctl.strict_json import to_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+    from agpctl.inference.detector import Detector
+    from agpctl.inference.onnx_runtime import OnnxDetector  # noqa: F401 - in AnyDetector
+
+    AnyDetector = Union[Detector, OnnxDetector]
 
 CSV_FILE = "predictions.csv"
 JSON_FILE = "predictions.json"
@@ -193,12 +200,12 @@ class PredictReport:
         }
 
 
-def _load(item: InputImage, detector: Detector) -> tuple[torch.Tensor, np.ndarray]:
+def _load(item: InputImage, detector: AnyDetector) -> tuple[Any, np.ndarray]:
     rgb = np.asarray(read_image(item.path))
     return detector.preprocess(rgb), rgb
 
 
-def predict_images(detector: Detector, inputs: list[InputImage], out: str, *, batch_size: int | None = None,
+def predict_images(detector: AnyDetector, inputs: list[InputImage], out: str, *, batch_size: int | None = None,
                    image_format: str = "png", write_images: bool = True, io_threads: int | None = None,
                    on_progress: Callable[[int, int], None] | None = None,
                    on_skip: Callable[[str, str], None] | None = None,
@@ -239,7 +246,7 @@ def predict_images(detector: Detector, inputs: list[InputImage], out: str, *, ba
                 originals.append(rgb)
                 items.append(item)
             if items:
-                detections = detector.detect(torch.stack(tensors), [rgb.shape[:2] for rgb in originals],
+                detections = detector.detect(detector.collate(tensors), [rgb.shape[:2] for rgb in originals],
                                              [item.path for item in items])
                 for item, rgb, detection in zip(items, originals, detections):
                     row, files = _row(item, rgb, detection, out, image_format, write_images)
@@ -305,7 +312,7 @@ def write_tables(report: PredictReport, out: str) -> None:
         writer.writerow({**row, "score": f"{row['score']:.6g}",
                          "category_similarity": "" if similarity is None else f"{similarity:.4f}"})
     storage.write_text(storage.join(out, CSV_FILE), buffer.getvalue())
-    storage.write_text(storage.join(out, JSON_FILE), runs.to_json(report.as_dict()) + "\n")
+    storage.write_text(storage.join(out, JSON_FILE), to_json(report.as_dict()) + "\n")
 
 
 def run_predict(source: str, run_uri: str, out: str, *, threshold: str = "auto", pixel_threshold: float | None = None,
@@ -315,17 +322,40 @@ def run_predict(source: str, run_uri: str, out: str, *, threshold: str = "auto",
                 **kwargs: Any) -> PredictReport:
     """Load the run, find the inputs, predict; see :func:`predict_images`. ``category``: a
     per-category run's model, or for a multi-class run the category of every image."""
+    # Imported here, not at the top: predict --model (run_predict_model) must work without torch.
+    from agpctl import runs
+    from agpctl.inference.detector import Detector
+    from agpctl.models import default_device
+
     model_uri = runs.select_model_run(run_uri, category)
     device = device or default_device()
     run = runs.load_run(model_uri, device, warn=on_warning)
     detector = Detector.from_run(run, category=category, threshold=threshold, pixel_threshold=pixel_threshold,
                                  batch_size=batch_size, device=device, warn=on_warning)
+    return _predict_source(detector, source, out, recursive, on_start, model_info=run.info(),
+                           image_format=image_format, write_images=write_images, **kwargs)
+
+
+def run_predict_model(source: str, model_uri: str, out: str, *, threshold: str = "auto",
+                      pixel_threshold: float | None = None, recursive: bool = False, category: str | None = None,
+                      batch_size: int | None = None, on_start: Callable[[int], None] | None = None,
+                      on_warning: Callable[[str], None] | None = None, threads: int | None = None,
+                      **kwargs: Any) -> PredictReport:
+    """:func:`run_predict` with an exported ONNX model (and its sidecar) in place of a run:
+    onnxruntime, numpy and Pillow only; the same outputs. ``category``: every image's category."""
+    detector = load_onnx_detector(model_uri, category, threshold=threshold, pixel_threshold=pixel_threshold,
+                                  batch_size=batch_size, on_warning=on_warning, threads=threads)
+    return _predict_source(detector, source, out, recursive, on_start, model_info=detector.info(), **kwargs)
+
+
+def _predict_source(detector: AnyDetector, source: str, out: str, recursive: bool,
+                    on_start: Callable[[int], None] | None, **kwargs: Any) -> PredictReport:
+    """Find the inputs of ``source``, predict them and write predictions.csv / .json."""
     unreadable: list[tuple[str, str]] = []
     inputs = discover_inputs(source, recursive, exclude=out, skipped=unreadable)
     if on_start is not None:
         on_start(len(inputs))
-    report = predict_images(detector, inputs, out, image_format=image_format, write_images=write_images,
-                            model_info=run.info(), write_summary=False, **kwargs)
+    report = predict_images(detector, inputs, out, write_summary=False, **kwargs)
     note_unreadable(report, unreadable, kwargs.get("on_skip"))
     write_tables(report, out)
     return report
