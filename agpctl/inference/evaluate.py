@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from agp_data.integrity import check_masks
 from agp_data.splits import build_datasets, split_samples
+from agp_data.tiling import Tiling
 from agpctl import runs
 from agpctl.distributed import WorkerContext
 from agpctl.inference.scoring import Predictions, predict_dataset
@@ -40,7 +41,7 @@ def evaluate_run(run_uri: str, *, dataset: str | None = None, root: str | None =
         _, _, test_set = build_datasets(cfg.data, splits, cfg.model.image_size, run.model.backbone.mean,
                                         run.model.backbone.std)
         predictions = predict_dataset(run.model, test_set, WorkerContext(device=device), batch_size or cfg.train.eval_batch_size,
-                                      cfg.train.precision, on_batch=on_batch)
+                                      cfg.train.precision, on_batch=on_batch, tiling=Tiling.from_config(cfg.data))
         all_predictions.append(predictions)
         rows = predictions.metrics()
         table.update(runs.category_rows(rows) if len(models) > 1 else rows)

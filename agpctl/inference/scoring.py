@@ -16,10 +16,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from agp_data import storage
+from agp_data.tiling import Tiling
 from agp_models.base import AnomalyModel
 from agp_models.metrics import per_category_metrics
 from agpctl.distributed import WorkerContext, gather_to_main
 from agpctl.errors import UserError, first_line
+from agpctl.inference.tiled_scoring import score_shard
 from agpctl.models import autocast, move_batch
 
 
@@ -100,10 +102,17 @@ class Predictions:
 
 def predict_dataset(model: AnomalyModel, dataset: Dataset, ctx: WorkerContext, batch_size: int, precision: str,
                     on_batch: Callable[[int, int], None] | None = None, loader_workers: int = 0,
-                    keep_maps: bool = True) -> Predictions | None:
+                    keep_maps: bool = True, tiling: Tiling | None = None) -> Predictions | None:
     """Scores this worker's shard (every world_size-th sample) and gathers the whole set
-    on rank 0, which gets the result in dataset order; other ranks get None."""
+    on rank 0, which gets the result in dataset order; other ranks get None. With a
+    ``tiling`` the items are whole images at the working resolution, scored tile by tile
+    (:mod:`agpctl.inference.tiled_scoring`; ``batch_size`` tiles per model call)."""
     shard = list(range(ctx.rank, len(dataset), ctx.world_size))
+    if tiling is not None:
+        local = Predictions(**score_shard(model, dataset, shard, ctx.device, batch_size, precision, tiling,
+                                          on_image=on_batch, loader_workers=loader_workers, keep_maps=keep_maps))
+        gathered = gather_to_main(local, ctx)
+        return None if gathered is None else Predictions.concatenate(gathered).in_index_order()
     loader = DataLoader(Subset(dataset, shard), batch_size=batch_size, shuffle=False, num_workers=loader_workers)
     model.eval()
     batches: list[Predictions] = []
