@@ -15,13 +15,22 @@ Inference: S = ‖F − D(F)‖₂ per token → :func:`agp_models.postprocess.p
 Multi-resolution backbones (CNNs): layers with different grids or widths cannot be summed, so
 each LN'd map is resized to the token grid (``token_stride``, default the coarsest stride)
 and the maps are concatenated (``fusion='auto'`` picks sum for equal shapes, else concat).
+
+No official AGPNet code is public; where the paper is silent the defaults follow ViTAD
+(zhangzjn/ADer), which AGPNet builds on (METHODS.md "AGPNet"):
+
+- layers: blocks 3, 6, 9 plus 12 of ``vit_small_patch16_224.dino``;
+- recipes: ``paper`` = 500 epochs at batch 32, AdamW with ViTAD's lr rule 1e-4·batch/8 (so
+  4e-4 at batch 32, and scaled again when the batch size is changed), ×0.1 at 40 % of the
+  steps; ``fast`` = a short warm-up + cosine schedule (:data:`AGPNET_RECIPES`);
+- evaluation maps smoothed with σ = 4 px, image score = max of the 16×16 average-pooled map.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +39,17 @@ from torch import Tensor, nn
 from agp_models.base import AnomalyModel, BackboneConfig, Batch, MethodConfig, Prediction
 from agp_models.layers import LearnedPositionEmbedding, TransformerBlock, resize_to_grid
 from agp_models.postprocess import postprocess
+from agp_models.recipes import Recipe, schedule_of
 
-__all__ = ["AGPNet", "AGPNetConfig", "AttentionDecoder", "minmax_normalise"]
+__all__ = ["AGPNET_RECIPES", "AGPNet", "AGPNetConfig", "AttentionDecoder", "minmax_normalise"]
+
+AGPNET_RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(epochs=500, batch_size=32, lr=1e-4, lr_reference_batch=8, lr_schedule="step",
+                    lr_drop_at=0.4, lr_drop_factor=0.1,
+                    source="paper: AdamW, batch 32, 500 epochs, ×0.1 at 40 %; lr 1e-4·batch/8 (ViTAD)"),
+    "fast": Recipe(epochs=20, batch_size=16, lr=4e-4, lr_reference_batch=16, lr_schedule="cosine",
+                   warmup_fraction=0.05, source="short budget: warm-up 5 %, cosine; see README 'Accuracy'"),
+}
 
 ATTENTION_SOURCES = ("prior", "decoder", "both")
 NOISE_MODES = ("none", "random", "attention")
@@ -40,6 +58,8 @@ FUSIONS = ("auto", "sum", "concat")
 
 @dataclass(kw_only=True)
 class AGPNetConfig(MethodConfig):
+    recipes: ClassVar[dict[str, Recipe]] = AGPNET_RECIPES
+
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="vit_small_patch16_224.dino"))
     layers: list[int] = field(default_factory=lambda: [3, 6, 9, 12])
     image_size: int = 256
@@ -70,11 +90,8 @@ class AGPNetConfig(MethodConfig):
     mask_ratio_end: float = 1.0
     mask_ramp_start: float = 0.2
     mask_ramp_end: float = 0.8
-    # Optimiser: AdamW, lr ×lr_drop_factor once lr_drop_at of the total steps are done.
-    lr: float = 1e-4
+    # Optimiser: AdamW; lr and its schedule come from the recipe (AGPNET_RECIPES) unless set.
     weight_decay: float = 1e-4
-    lr_drop_at: float = 0.4
-    lr_drop_factor: float = 0.1
     # Evaluation maps (Common): σ=4 px smoothing, image score = max of 16×16 average pool.
     smoothing_sigma: float = 4.0
     score_pool: int = 16
@@ -188,10 +205,6 @@ class AGPNet(AnomalyModel):
         """r(t): fraction of pixels noised in the image branch, linear between the ramp ends."""
         c = self.cfg
         return _linear_ramp(progress, c.mask_ramp_start, c.mask_ramp_end, c.mask_ratio_start, c.mask_ratio_end)
-
-    def lr_factor(self, step: int, total_steps: int) -> float:
-        """Per-step LR multiplier: 1, then lr_drop_factor from lr_drop_at of the steps on."""
-        return self.cfg.lr_drop_factor if step >= round(self.cfg.lr_drop_at * total_steps) else 1.0
 
     # -- features and attention ---------------------------------------------------------
     def fuse(self, maps: list[Tensor]) -> Tensor:
@@ -334,9 +347,8 @@ class AGPNet(AnomalyModel):
 
     def configure_optimizers(self, total_steps: int) -> list[tuple[torch.optim.Optimizer, Any]]:
         params = [p for p in self.decoder.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step, total_steps))
-        return [(optimizer, scheduler)]
+        optimizer = torch.optim.AdamW(params, lr=schedule_of(self.cfg)["lr"], weight_decay=self.cfg.weight_decay)
+        return [(optimizer, self.lr_scheduler(optimizer, total_steps))]
 
     def anomaly_tokens(self, images: Tensor) -> Tensor:
         """Raw map S = ‖F − D(F)‖₂ over channels, (B, h, w) on the token grid."""

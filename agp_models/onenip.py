@@ -3,8 +3,8 @@
 Pipeline (spec: METHODS.md "OneNIP"; paper: papers/002_ac5f695ae58b1165.txt):
 
 1. Frozen CNN Φ (EfficientNet-b4, stride-2/4/8/16 maps) → every map resized to the token grid
-   ``image_size / feature_stride`` (area average when shrinking, bilinear when growing) and
-   concatenated: F (B, 272, 14, 14) at 224 px.
+   ``image_size / feature_stride`` (bilinear, align_corners=True, as the authors' neck; or
+   ``feature_resize: area``) and concatenated: F (B, 272, 14, 14) at 224 px.
 2. A transformer over the h·w tokens (linear 272→256, learned position embedding added to
    queries and keys of every attention, DETR style):
    - encoder: self-attention layers shared by target and prompt tokens;
@@ -18,23 +18,43 @@ Pipeline (spec: METHODS.md "OneNIP"; paper: papers/002_ac5f695ae58b1165.txt):
    prompt, L_res = MSE(F̂ᵃ, Fⁿ).
 4. Refiner on E = |F − F̂|: 2 × [conv3×3 – BN – ReLU – ConvTranspose 2×], conv1×1, sigmoid,
    resized to the mask; Dice loss against the synthetic mask (all-zero for normal images).
-5. Loss L_rec + L_res + λ·L_dice.
+5. Loss ½(L_rec + L_res) + λ·L_dice (one MSE over the stacked normal and synthetic samples,
+   as the authors' code; the paper's L_rec + L_res with ``reconstruction_loss: sum``).
 
-Inference: the prompt is the pool entry (one normal training image per category) whose pooled
-features are most cosine-similar to the test image's, or the entry of its known category
-(``prompt_selection: class``). S = (1 − α)·S_rec' + α·M̂ with S_rec = ‖F − F̂‖₂ min-max scaled
+Inference: the prompt is the pool entry (one normal training image per category) of the test
+image's known category when the batch names one the pool holds (``prompt_selection: auto``,
+the default: a labelled test split as the authors' code; ``class`` insists on it), else the
+entry whose pooled features are most cosine-similar to the test image's (the paper's §3.5;
+``similarity`` always). S = (1 − α)·S_rec' + α·M̂ with S_rec = ‖F − F̂‖₂ min-max scaled
 by the statistics of normal *training* images (``fusion_norm: train``, stored in the
 checkpoint) — or, only when asked for (``fusion_norm: transductive``, the authors' code), by
 the min and max of the maps being predicted in the same ``predict`` call (a test-set statistic:
 results then depend on what is predicted together; the authors take min / max over the whole
 test set and weight M̂ by the mid-range of S_rec instead of min-max scaling S_rec, which ranks
-pixels in a similar but not identical way). Image score = max of the average-pooled S.
+pixels in a similar but not identical way). Image score = max of the average-pooled S; maps
+are not smoothed (the authors' evaluation; ``smoothing_sigma`` > 0 smooths them).
+
+Official code vs paper (METHODS.md "OneNIP"), defaults follow the code, each paper variant is
+a config value:
+
+- backbone ``tf_efficientnet_b4.aa_in1k`` (the TF-ported AutoAugment weights, "same" padding),
+  not timm's bare ``efficientnet_b4`` (a different network's weights);
+- ``feature_resize: bilinear`` (align_corners=True) | ``area`` (this module's earlier default);
+- ``smoothing_sigma: 0`` | 4 (the spec's common σ);
+- ``reconstruction_loss: stacked`` (½(L_rec + L_res)) | ``sum`` (paper);
+- ``dice_overlap_weight: 1`` (Dice numerator Σp·t + s) | 2 (paper Eq. 7);
+- ``ffn_inner_dropout: false`` (no dropout between the FFN's layers) | true;
+- ``refiner_init: xavier`` (xavier-uniform refiner convolutions) | ``default`` (PyTorch's);
+- ``prompt_selection: auto`` (class on labelled data, similarity otherwise) | ``similarity`` | ``class``;
+- ``fusion_norm: train`` stays the default (the code's transductive statistic is ``transductive``);
+- recipes: ``paper`` = 1000 epochs, batch 64, AdamW lr 1e-4 (not scaled with the batch), ×0.1
+  at 80 % of the steps; ``fast`` = a short warm-up + cosine schedule (:data:`ONENIP_RECIPES`).
 
 Where the paper is silent the defaults follow the authors' code (gaobb/OneNIP): post-norm
 layers with ReLU FFNs, a row/column learned position embedding initialised uniform in [0, 1),
 xavier-uniform linear layers, the neighbourhood mask also in the encoder and in the
 target→prompt attention, no mask on the final attention, feature jitter (scale 20) on the
-training tokens (target and prompt), Dice smoothing 1, lr ×0.1 at 80 % of the steps, and a
+training tokens (target and prompt), Dice smoothing 1, and a
 synthetic defect on every training image (:attr:`OneNIP.pseudo_anomaly_probability`).
 One deliberate difference: the authors' decoder block adds its MLP output (not the
 target→prompt attention output) to the target stream, which leaves that attention unused; here
@@ -44,7 +64,7 @@ the target stream is updated with the attention output, as Eq. 3 of the paper sa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,22 +73,37 @@ from torch import Tensor, nn
 from agp_models.base import AnomalyModel, BackboneConfig, Batch, MethodConfig, Prediction
 from agp_models.layers import MultiHeadAttention, neighbourhood_mask, resize_to_grid
 from agp_models.postprocess import postprocess
+from agp_models.recipes import Recipe, schedule_of
 
-__all__ = ["OneNIP", "OneNIPConfig", "Refiner", "dice_loss", "onenip_attention_mask"]
+__all__ = ["ONENIP_RECIPES", "OneNIP", "OneNIPConfig", "Refiner", "dice_loss", "onenip_attention_mask"]
+
+ONENIP_RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(epochs=1000, batch_size=64, lr=1e-4, lr_schedule="step", lr_drop_at=0.8, lr_drop_factor=0.1,
+                    source="paper §4.1 and gaobb/OneNIP: AdamW 1e-4, batch 64, 1000 epochs, ×0.1 at epoch 800"),
+    "fast": Recipe(epochs=20, batch_size=16, lr=4e-4, lr_schedule="cosine", warmup_fraction=0.05,
+                   source="short budget: warm-up 5 %, cosine; see README 'Accuracy'"),
+}
 
 _CATEGORY_SEPARATOR = 0  # NUL byte between category names in the uint8 pool buffer
 
 
 @dataclass(kw_only=True)
 class OneNIPConfig(MethodConfig):
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="efficientnet_b4"))
+    recipes: ClassVar[dict[str, Recipe]] = ONENIP_RECIPES
+
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="tf_efficientnet_b4.aa_in1k"))
     layers: list[int] = field(default_factory=lambda: [0, 1, 2, 3])  # timm out_indices: strides 2/4/8/16
     image_size: int = 224
     feature_stride: int = 16  # token grid = image_size / feature_stride (14×14 at 224 px)
+    # How each backbone map reaches the token grid: bilinear with align_corners=True (authors'
+    # neck) | area (average over the covered pixels when shrinking).
+    feature_resize: Literal["bilinear", "area"] = "bilinear"
+    smoothing_sigma: float = 0.0  # authors' evaluation: unsmoothed maps
     width: int = 256
     heads: int = 8
     ffn: int = 1024
     dropout: float = 0.1
+    ffn_inner_dropout: bool = False  # authors' code: no dropout between the FFN's two layers
     encoder_depth: int = 4
     decoder_depth: int = 4
     # Side of the square token window a query must not see around its own position. The
@@ -84,20 +119,25 @@ class OneNIPConfig(MethodConfig):
     restoration: bool = True  # restoration stream + L_res
     refiner: bool = True  # supervised refiner + Dice loss; off: S = S_rec
     refiner_channels: int = 128
+    refiner_init: Literal["xavier", "default"] = "xavier"  # authors' code: xavier-uniform convolutions
+    # stacked: one MSE over the normal and synthetic samples together = ½(L_rec + L_res) (code);
+    # sum: L_rec + L_res (paper).
+    reconstruction_loss: Literal["stacked", "sum"] = "stacked"
     lam: float = 0.5  # λ, weight of the Dice loss
     dice_smooth: float = 1.0  # Laplace smoothing of the Dice ratio (authors' code: 1)
+    dice_overlap_weight: float = 1.0  # Dice numerator w·Σp·t + s: authors' code 1, paper Eq. 7: 2
     fusion_alpha: float = 0.5  # α in S = (1 − α)·S_rec + α·M̂
     fusion_norm: str = "train"  # train | transductive
-    prompt_selection: str = "similarity"  # similarity (paper) | class (authors' code)
+    # auto: the batch's known category when the pool holds it (authors' code on a labelled test
+    # split), else similarity (paper §3.5, unlabelled images) | similarity | class
+    prompt_selection: str = "auto"
     grad_clip_norm: float = 0.1  # authors' code (UniAD lineage): clip_max_norm 0.1
-    lr_drop_at: float = 0.8  # fraction of the steps after which lr ×lr_drop_factor (authors: 800/1000 epochs)
-    lr_drop_factor: float = 0.1
 
     def __post_init__(self) -> None:
         choices = {
             "decoder": ("bidirectional", "unidirectional"),
             "fusion_norm": ("train", "transductive"),
-            "prompt_selection": ("similarity", "class"),
+            "prompt_selection": ("auto", "similarity", "class"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -115,10 +155,10 @@ class OneNIPConfig(MethodConfig):
 
 
 # -- pieces ----------------------------------------------------------------------------------
-def dice_loss(pred: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
+def dice_loss(pred: Tensor, target: Tensor, smooth: float = 1.0, overlap_weight: float = 2.0) -> Tensor:
     """Dice loss of Eq. 7 with Laplace smoothing, per sample, averaged over the batch:
 
-        1 − (2·Σ p·t + s) / (Σ p² + Σ t² + s)
+        1 − (w·Σ p·t + s) / (Σ p² + Σ t² + s),  w = ``overlap_weight`` (Eq. 7: 2; authors' code: 1)
 
     ``pred``: probabilities, ``target``: 0/1 mask, same shape (B, …). With ``s > 0`` an
     all-zero target predicted as all zero costs 0 (a normal image predicted clean), while any
@@ -128,7 +168,7 @@ def dice_loss(pred: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     target = target.reshape(target.shape[0], -1).float()
     overlap = (pred * target).sum(dim=1)
     total = pred.pow(2).sum(dim=1) + target.pow(2).sum(dim=1)
-    return (1.0 - (2.0 * overlap + smooth) / (total + smooth)).mean()
+    return (1.0 - (overlap_weight * overlap + smooth) / (total + smooth)).mean()
 
 
 def onenip_attention_mask(grid: tuple[int, int], size: int, device: torch.device | None = None) -> Tensor | None:
@@ -150,6 +190,7 @@ def onenip_attention_mask(grid: tuple[int, int], size: int, device: torch.device
 
 class _FeedForward(nn.Module):
     def __init__(self, width: int, hidden: int, dropout: float):
+        # ``dropout`` here is between the two layers (0 in the authors' code).
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
@@ -174,9 +215,9 @@ class _CrossAttention(nn.Module):
 
 
 class _FeedForwardBlock(nn.Module):
-    def __init__(self, width: int, hidden: int, dropout: float):
+    def __init__(self, width: int, hidden: int, dropout: float, inner_dropout: float = 0.0):
         super().__init__()
-        self.ffn = _FeedForward(width, hidden, dropout)
+        self.ffn = _FeedForward(width, hidden, inner_dropout)
         self.drop = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(width)
 
@@ -185,10 +226,10 @@ class _FeedForwardBlock(nn.Module):
 
 
 class _EncoderLayer(nn.Module):
-    def __init__(self, width: int, heads: int, hidden: int, dropout: float):
+    def __init__(self, width: int, heads: int, hidden: int, dropout: float, inner_dropout: float = 0.0):
         super().__init__()
         self.self_attn = _CrossAttention(width, heads, dropout)
-        self.ffn = _FeedForwardBlock(width, hidden, dropout)
+        self.ffn = _FeedForwardBlock(width, hidden, dropout, inner_dropout)
 
     def forward(self, x: Tensor, pos: Tensor, mask: Tensor | None) -> Tensor:
         return self.ffn(self.self_attn(x, x, pos, mask))
@@ -197,10 +238,10 @@ class _EncoderLayer(nn.Module):
 class _BidirectionalBlock(nn.Module):
     """Eq. 3: p ← attn(p → x) (masked), MLP; x ← attn(x → p)."""
 
-    def __init__(self, width: int, heads: int, hidden: int, dropout: float):
+    def __init__(self, width: int, heads: int, hidden: int, dropout: float, inner_dropout: float = 0.0):
         super().__init__()
         self.prompt_to_target = _CrossAttention(width, heads, dropout)
-        self.mlp = _FeedForwardBlock(width, hidden, dropout)
+        self.mlp = _FeedForwardBlock(width, hidden, dropout, inner_dropout)
         self.target_to_prompt = _CrossAttention(width, heads, dropout)
 
     def forward(self, prompt: Tensor, target: Tensor, pos: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -213,11 +254,11 @@ class _UnidirectionalBlock(nn.Module):
     """Eq. 2 (UniAD's layer-wise query decoder, query = static prompt p_e):
     q' = attn(p_e → x_e); x_d ← FFN(attn(q' → x_d))."""
 
-    def __init__(self, width: int, heads: int, hidden: int, dropout: float):
+    def __init__(self, width: int, heads: int, hidden: int, dropout: float, inner_dropout: float = 0.0):
         super().__init__()
         self.prompt_to_memory = _CrossAttention(width, heads, dropout)
         self.query_to_stream = _CrossAttention(width, heads, dropout)
-        self.ffn = _FeedForwardBlock(width, hidden, dropout)
+        self.ffn = _FeedForwardBlock(width, hidden, dropout, inner_dropout)
 
     def forward(self, prompt: Tensor, memory: Tensor, stream: Tensor, pos: Tensor, mask: Tensor | None) -> Tensor:
         query = self.prompt_to_memory(prompt, memory, pos, mask)
@@ -254,11 +295,13 @@ class PromptTransformer(nn.Module):
         self.mask_final = cfg.mask_final_attention
         self.jitter, self.jitter_prob = cfg.feature_jitter, cfg.feature_jitter_prob
         width, heads, hidden, drop = cfg.width, cfg.heads, cfg.ffn, cfg.dropout
+        inner = drop if cfg.ffn_inner_dropout else 0.0
         self.input_proj = nn.Linear(channels, width)
         self.pos_embed = RowColumnPositionEmbedding(grid, width)
-        self.encoder = nn.ModuleList(_EncoderLayer(width, heads, hidden, drop) for _ in range(cfg.encoder_depth))
+        self.encoder = nn.ModuleList(_EncoderLayer(width, heads, hidden, drop, inner)
+                                     for _ in range(cfg.encoder_depth))
         block = _BidirectionalBlock if self.bidirectional else _UnidirectionalBlock
-        self.decoder = nn.ModuleList(block(width, heads, hidden, drop) for _ in range(cfg.decoder_depth))
+        self.decoder = nn.ModuleList(block(width, heads, hidden, drop, inner) for _ in range(cfg.decoder_depth))
         # final prompt→target attention (bidirectional) / output norm (both)
         self.final_attention = _CrossAttention(width, heads, drop, norm=False) if self.bidirectional else None
         self.final_norm = nn.LayerNorm(width)
@@ -306,7 +349,7 @@ class Refiner(nn.Module):
     """E = |F − F̂| (B, C, h, w) → anomaly logits (B, 1, 4h, 4w):
     2 × [conv3×3 – BN – ReLU – ConvTranspose2d(2, stride 2)], then conv1×1 → 1 channel."""
 
-    def __init__(self, in_channels: int, channels: int = 128, blocks: int = 2):
+    def __init__(self, in_channels: int, channels: int = 128, blocks: int = 2, init: str = "default"):
         super().__init__()
         stages = []
         for k in range(blocks):
@@ -318,6 +361,12 @@ class Refiner(nn.Module):
             ]
         self.body = nn.Sequential(*stages)
         self.head = nn.Conv2d(channels, 1, kernel_size=1)
+        if init == "xavier":  # authors' code: xavier-uniform weights, zero biases
+            for module in self.modules():
+                if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+                    nn.init.xavier_uniform_(module.weight)
+                    if module.bias is not None:
+                        nn.init.zeros_(module.bias)
 
     def forward(self, errors: Tensor) -> Tensor:
         return self.head(self.body(errors))
@@ -353,7 +402,7 @@ class OneNIP(AnomalyModel):
         self.grid = (side, side)
         self.channels = int(sum(backbone.channels))
         self.transformer = PromptTransformer(cfg, self.channels, self.grid)
-        self.refiner = Refiner(self.channels, cfg.refiner_channels) if cfg.refiner else None
+        self.refiner = Refiner(self.channels, cfg.refiner_channels, init=cfg.refiner_init) if cfg.refiner else None
         # Inference state (filled by fit_inference_state, saved in the checkpoint).
         self.register_buffer("pool_features", torch.zeros(0, self.channels, side, side))
         self.register_buffer("pool_descriptors", torch.zeros(0, self.channels))
@@ -366,7 +415,11 @@ class OneNIP(AnomalyModel):
         """Concatenated multi-level backbone features on the token grid, (B, C, h, w) float32."""
         with torch.no_grad():
             out = self.backbone(images)
-            maps = [resize_to_grid(f.float(), self.grid) for f in out.features]
+            if self.cfg.feature_resize == "bilinear":
+                maps = [F.interpolate(f.float(), size=self.grid, mode="bilinear", align_corners=True)
+                        for f in out.features]
+            else:
+                maps = [resize_to_grid(f.float(), self.grid) for f in out.features]
             return torch.cat(maps, dim=1)
 
     def reconstruct(self, target: Tensor, prompt: Tensor) -> Tensor:
@@ -411,23 +464,23 @@ class OneNIP(AnomalyModel):
         zero = recon.new_zeros(())
         loss_rec = F.mse_loss(recon[:b], normal)
         loss_res = F.mse_loss(recon[b:], normal) if cfg.restoration else zero
+        # Both streams hold b samples, so the code's one MSE over all 2b is their mean.
+        reconstruction = 0.5 * (loss_rec + loss_res) if cfg.reconstruction_loss == "stacked" and cfg.restoration \
+            else loss_rec + loss_res
         loss_dice = zero
         if self.refiner is not None:
             size = tuple(anomaly_masks.shape[-2:])
             pred = self.refine((targets - recon).abs(), size)
             truth = torch.cat([torch.zeros_like(anomaly_masks), anomaly_masks], dim=0)
-            loss_dice = dice_loss(pred, truth, cfg.dice_smooth)
-        loss = loss_rec + loss_res + cfg.lam * loss_dice
+            loss_dice = dice_loss(pred, truth, cfg.dice_smooth, cfg.dice_overlap_weight)
+        loss = reconstruction + cfg.lam * loss_dice
         return {"loss": loss, "loss_rec": loss_rec.detach(), "loss_res": loss_res.detach(),
                 "loss_dice": loss_dice.detach()}
 
     def configure_optimizers(self, total_steps: int) -> list[tuple[torch.optim.Optimizer, Any]]:
         params = self.trainable_parameters()
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        drop_step = round(self.cfg.lr_drop_at * total_steps)
-        factor = self.cfg.lr_drop_factor
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factor if step >= drop_step else 1.0)
-        return [(optimizer, scheduler)]
+        optimizer = torch.optim.AdamW(params, lr=schedule_of(self.cfg)["lr"], weight_decay=self.cfg.weight_decay)
+        return [(optimizer, self.lr_scheduler(optimizer, total_steps))]
 
     # -- inference state -------------------------------------------------------------------
     @property
@@ -439,11 +492,16 @@ class OneNIP(AnomalyModel):
         return F.normalize(features.mean(dim=(2, 3)), dim=1)
 
     def select_prompts(self, features: Tensor, batch: Batch | None = None) -> Tensor:
-        """Pool index per sample (B,): highest cosine similarity of spatially pooled features,
-        or the sample's own category with ``prompt_selection: class``."""
+        """Pool index per sample (B,): the sample's own category with ``prompt_selection: class``
+        (and with ``auto`` when the batch names categories the pool holds), else the highest
+        cosine similarity of spatially pooled features."""
         if self.pool_features.shape[0] == 0:
             raise RuntimeError("onenip has no prompt pool: call fit_inference_state(normal training batches) first")
-        if self.cfg.prompt_selection == "class":
+        selection = self.cfg.prompt_selection
+        if selection == "auto":
+            known = batch is not None and "category" in batch and all(c in self.pool_categories for c in batch["category"])
+            selection = "class" if known else "similarity"
+        if selection == "class":
             if batch is None or "category" not in batch:
                 raise ValueError("onenip prompt_selection 'class' needs batch['category'] at prediction time")
             names = self.pool_categories

@@ -1,6 +1,7 @@
 """Post-processing shared by every method's ``predict``: raw maps -> evaluation maps + scores.
 
-raw (B, h, w) --bilinear--> (B, S, S) --Gaussian σ--> maps --pool + max--> scores (B,)
+raw (B, h, w) --bilinear--> (B, S, S) --Gaussian σ--> maps (pixel metrics)
+                                     --Gaussian σ_score--> --pool + max--> scores (B,)
 
 Everything here is plain torch on tensors with no Python branching on tensor *values*
 (only on shapes and on the Python numbers ``sigma``/``pool``), so it traces into ONNX and
@@ -85,8 +86,15 @@ def image_scores(maps: Tensor, pool: int = 16) -> Tensor:
 
 
 def postprocess(
-    raw_maps: Tensor, image_size: int | tuple[int, int], sigma: float, pool: int
+    raw_maps: Tensor, image_size: int | tuple[int, int], sigma: float, pool: int, score_sigma: float | None = None
 ) -> tuple[Tensor, Tensor]:
-    """(B, h, w) raw maps -> ((B, S, S) evaluation maps, (B,) image scores)."""
-    maps = gaussian_smooth(upsample(raw_maps, image_size), sigma)
-    return maps, image_scores(maps, pool)
+    """(B, h, w) raw maps -> ((B, S, S) evaluation maps, (B,) image scores).
+
+    The evaluation map (pixel metrics) is smoothed with ``sigma``, the map the image score is
+    taken from with ``score_sigma`` (None: the same map). RLR's authors evaluate pixels on
+    the unsmoothed map and score images on a σ=4-smoothed one."""
+    upsampled = upsample(raw_maps, image_size)
+    maps = gaussian_smooth(upsampled, sigma)
+    if score_sigma is None or score_sigma == sigma:
+        return maps, image_scores(maps, pool)
+    return maps, image_scores(gaussian_smooth(upsampled, score_sigma), pool)

@@ -11,11 +11,27 @@ features of an image, but its attention never copies the input through:
   values of itself or its neighbours.
 
 Block k:  Z_k = LN(MLKA(Y, R) + α·LCA(Y, R)),  Y_k = LN(FFN(Z_k) + Z_k), no residual around
-the attention;  Y_0 = FFN(F + jitter),  F_out = FFN(Y_K).  Loss per level MSE + (1 − cos);
-anomaly map per level mean_c (F_out − F)² + (1 − cos), upsampled to the input size and
-averaged over levels (spec: ../shared/METHODS.md, "RLR").
+the attention;  Y_0 = Linear(F + jitter) + P,  F_out = Linear(LN(Y_K)) (the authors' code; the
+paper's Y_0 = FFN(F + jitter), F_out = FFN(Y_K) with ``embedding: ffn``, ``output_head: ffn``).
+Loss per level MSE + (1 − cos); anomaly map per level mean_c (F_out − F)² + (1 − cos),
+upsampled to the input size and averaged over levels (spec: ../shared/METHODS.md, "RLR").
 
-Choices where the paper is silent (all config fields):
+Official code vs paper (METHODS.md "RLR"), defaults follow the code, each paper variant is a
+config value:
+
+- backbone ``tf_efficientnet_b6.aa_in1k`` (timm's bare ``tf_efficientnet_b6`` now resolves to
+  the Noisy-Student weights);
+- ``embedding: linear``: one linear layer, 2-D sin-cos positions added once to the tokens and
+  once to the reference (a free (h·w, C) parameter with its own linear layer), never re-added
+  per block | ``ffn``: the paper's FFN embedding (Eq. 6), positions added to queries and keys
+  in every block, the reference a free (h·w, width) parameter;
+- ``output_head: norm_linear`` (LayerNorm then Linear) | ``ffn``;
+- ``smoothing_sigma: 0`` (pixel metrics on the unsmoothed map) with ``score_sigma: 4`` (image
+  score = max of the σ=4-smoothed map) | ``smoothing_sigma: 4, score_sigma: null`` (both smoothed);
+- recipes: ``paper`` = 200 epochs, batch 4, Adam lr 1e-4, constant | ``fast`` (:data:`RLR_RECIPES`).
+  The authors report the best epoch on the test set; agp evaluates the last epoch.
+
+Choices where paper and code are silent (all config fields):
 
 - Window sizes come from ``window_sizes`` keyed by the grid side (spec: {16: 5, 32: 7,
   64: 11}); other grids use ``window_for_grid``: w = 2·⌊(g/8 + 2)/2 + ½⌋ + 1, which reproduces
@@ -23,11 +39,10 @@ Choices where the paper is silent (all config fields):
   at least one visible key.
 - Feature jitter as UniAD: per token, noise ~ N(0, (scale·‖f‖₂/C)²) added on the raw
   (pooled) backbone features before the input FFN; applied per sample with ``jitter_prob``.
-- The reference lives directly in the hidden space: a parameter of shape (h·w, width) per
-  level (the paper's projected R_h; a learned linear map of a free parameter is again a free
-  parameter), initialised N(0, 1) to match the scale of the layer-normed tokens.
-- 2-D sin-cos positions are added DETR-style to the attention inputs that form queries and
-  keys (Y + P for queries, R + P for keys), never to values.
+- ``embedding: ffn``: the reference lives directly in the hidden space, a parameter of shape
+  (h·w, width) per level (the paper's projected R_h), initialised N(0, 1) to match the scale of
+  the layer-normed tokens; 2-D sin-cos positions are added DETR-style to the attention inputs
+  that form queries and keys (Y + P for queries, R + P for keys), never to values.
 - FFN = Linear → GELU → Linear with hidden ``ffn_ratio·width``; the input FFN maps C → width
   and the output FFN width → C.
 """
@@ -36,6 +51,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +60,11 @@ from torch import Tensor, nn
 from agp_models.base import AnomalyModel, Batch, BackboneConfig, MethodConfig, Prediction
 from agp_models.layers import MultiHeadAttention, Mlp, neighbourhood_mask, sincos_2d_position_embedding
 from agp_models.postprocess import postprocess
+from agp_models.recipes import Recipe, schedule_of
 
 __all__ = [
     "RLR",
+    "RLR_RECIPES",
     "RLRBlock",
     "RLRConfig",
     "LevelReconstructor",
@@ -57,18 +75,29 @@ __all__ = [
 
 ATTENTION_KINDS = ("cross", "self")
 
+RLR_RECIPES: dict[str, Recipe] = {
+    "paper": Recipe(epochs=200, batch_size=4, lr=1e-4, lr_schedule="constant",
+                    source="paper §4.1 and hlr7999/RLR: Adam 1e-4, batch 4, 200 epochs"),
+    "fast": Recipe(epochs=10, batch_size=8, lr=4e-4, lr_schedule="cosine", warmup_fraction=0.05,
+                   source="short budget: warm-up 5 %, cosine; see README 'Accuracy'"),
+}
+
 
 @dataclass(kw_only=True)
 class RLRConfig(MethodConfig):
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="tf_efficientnet_b6"))
+    recipes: ClassVar[dict[str, Recipe]] = RLR_RECIPES
+
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="tf_efficientnet_b6.aa_in1k"))
     # timm features_only out_indices; tf_efficientnet_b6 reductions are [2, 4, 8, 16, 32], so
     # 2, 3 = strides 8 and 16 (72 and 200 channels).
     layers: list[int] = field(default_factory=lambda: [2, 3])
     image_size: int = 256
-    score_pool: int = 0  # RLR: image score = max of the smoothed map
-    lr: float = 1e-4
+    smoothing_sigma: float = 0.0  # authors' code: pixel metrics on the unsmoothed map ...
+    score_sigma: float | None = 4.0  # ... image score from the σ=4-smoothed map
+    score_pool: int = 0  # RLR: image score = max of the (smoothed) map
     weight_decay: float = 0.0  # plain Adam, as the paper
-    batch_size: int = 4  # paper's batch size; informative, the trainer's batch wins
+    embedding: Literal["linear", "ffn"] = "linear"  # linear + positions once (code) | FFN (paper Eq. 6)
+    output_head: Literal["norm_linear", "ffn"] = "norm_linear"  # LayerNorm → Linear (code) | FFN (paper)
     aggregation_kernel: int = 3  # local neighbourhood average pooling (stride 1); ≤1 = off
     widths: list[int] = field(default_factory=lambda: [256, 512])  # hidden width per level
     heads: int = 8
@@ -166,16 +195,18 @@ class RLRBlock(nn.Module):
         self,
         y: Tensor,
         reference: Tensor | None,
-        pos: Tensor,
+        pos: Tensor | None,
         mlka_visible: Tensor | None,
         lca_visible: Tensor | None,
         return_attention: bool = False,
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
-        # y: (B, N, width); reference, pos: (1, N, width), broadcast over the batch.
-        queries = y + pos
+        # y: (B, N, width); reference, pos: (1, N, width), broadcast over the batch. pos None:
+        # the positions were added once, to the embedded tokens and reference (authors' code).
+        queries = y if pos is None else y + pos
         if self.use_reference:
             assert reference is not None
-            keys, lca_values = (reference + pos).expand(y.shape[0], -1, -1), reference.expand(y.shape[0], -1, -1)
+            keys = reference if pos is None else reference + pos
+            lca_values = reference  # (1, N, width): MultiHeadAttention projects it once for the batch
         else:
             keys, lca_values = queries, y
         probs: dict[str, Tensor] = {}
@@ -218,12 +249,22 @@ class LevelReconstructor(nn.Module):
             "pos", sincos_2d_position_embedding(height, grid_width, width)[None], persistent=False
         )
         hidden = int(round(width * cfg.ffn_ratio))
-        self.input_ffn = Mlp(channels, hidden, width, drop=cfg.dropout)
-        self.output_ffn = Mlp(width, hidden, channels, drop=cfg.dropout)
+        self.positions_once = cfg.embedding == "linear"
+        if self.positions_once:
+            self.input_embed: nn.Module = nn.Linear(channels, width)
+        else:
+            self.input_embed = Mlp(channels, hidden, width, drop=cfg.dropout)
+        if cfg.output_head == "norm_linear":
+            self.output_head: nn.Module = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, channels))
+        else:
+            self.output_head = Mlp(width, hidden, channels, drop=cfg.dropout)
         # The "self" ablation never reads the reference: leave it out so that DDP sees no
-        # parameter without a gradient.
+        # parameter without a gradient. With the linear embedding the reference lives in
+        # feature space and has its own embedding layer (authors' code).
         use_reference = cfg.attention == "cross"
-        self.reference = nn.Parameter(torch.randn(height * grid_width, width)) if use_reference else None
+        reference_width = channels if self.positions_once else width
+        self.reference = nn.Parameter(torch.randn(height * grid_width, reference_width)) if use_reference else None
+        self.reference_embed = nn.Linear(channels, width) if use_reference and self.positions_once else None
         self.blocks = nn.ModuleList(
             RLRBlock(
                 width,
@@ -239,16 +280,23 @@ class LevelReconstructor(nn.Module):
         )
 
     def forward(self, tokens: Tensor, return_attention: bool = False):
-        y = self.input_ffn(tokens)
+        y = self.input_embed(tokens)
         reference = self.reference[None] if self.reference is not None else None
+        block_pos: Tensor | None = self.pos
+        if self.positions_once:
+            y = y + self.pos
+            if reference is not None:
+                assert self.reference_embed is not None
+                reference = self.reference_embed(reference) + self.pos
+            block_pos = None
         attentions: list[dict[str, Tensor]] = []
         for block in self.blocks:
             if return_attention:
-                y, probs = block(y, reference, self.pos, self.mlka_visible, self.lca_visible, return_attention=True)
+                y, probs = block(y, reference, block_pos, self.mlka_visible, self.lca_visible, return_attention=True)
                 attentions.append(probs)
             else:
-                y = block(y, reference, self.pos, self.mlka_visible, self.lca_visible)
-        out = self.output_ffn(y)
+                y = block(y, reference, block_pos, self.mlka_visible, self.lca_visible)
+        out = self.output_head(y)
         return (out, attentions) if return_attention else out
 
 
@@ -349,15 +397,18 @@ class RLR(AnomalyModel):
     @torch.no_grad()
     def predict(self, images: Tensor, batch: Batch | None = None) -> Prediction:
         raw = self.raw_map(images)
-        maps, scores = postprocess(raw, self.cfg.image_size, self.cfg.smoothing_sigma, self.cfg.score_pool)
+        maps, scores = postprocess(raw, self.cfg.image_size, self.cfg.smoothing_sigma, self.cfg.score_pool,
+                                   self.cfg.score_sigma)
         return Prediction(maps=maps, scores=scores)
 
-    def configure_optimizers(self, total_steps: int) -> list[tuple[torch.optim.Optimizer, None]]:
+    def configure_optimizers(self, total_steps: int) -> list[tuple[torch.optim.Optimizer, Any]]:
         # One Adam per level: each reconstruction network is trained on its own loss only
         # (the total is a sum of independent terms, so its gradient per level is exactly
         # that level's), and per-level optimiser state keeps the steps independent.
-        return [
-            (torch.optim.Adam([p for p in level.parameters() if p.requires_grad], lr=self.cfg.lr,
-                              weight_decay=self.cfg.weight_decay), None)
-            for level in self.levels
-        ]
+        lr = schedule_of(self.cfg)["lr"]
+        pairs = []
+        for level in self.levels:
+            optimizer = torch.optim.Adam([p for p in level.parameters() if p.requires_grad], lr=lr,
+                                         weight_decay=self.cfg.weight_decay)
+            pairs.append((optimizer, self.lr_scheduler(optimizer, total_steps)))
+        return pairs

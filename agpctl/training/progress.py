@@ -8,6 +8,7 @@ bar per epoch, one line of losses per epoch, then the metrics table.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any, Callable
 
@@ -39,8 +40,10 @@ class ProgressSender:
             self._last_step = now
             self._send("step", epoch, batch, losses.get("loss"))
 
-    def epoch_end(self, epoch: int, losses: dict[str, float], seconds: float, saved: bool) -> None:
-        self._send("epoch_end", epoch, losses, seconds, saved)
+    def epoch_end(self, epoch: int, losses: dict[str, float], seconds: float, saved: bool,
+                  validation: dict[str, float] | None = None, lr: float | None = None) -> None:
+        """``validation``: this epoch's val/* metrics when it validated; ``lr``: the next step's."""
+        self._send("epoch_end", epoch, losses, seconds, saved, validation, lr)
 
     def phase(self, text: str) -> None:
         self._send("phase", text)
@@ -59,6 +62,20 @@ class ProgressSender:
 
     def finished(self, table: dict[str, Any]) -> None:
         self._send("finished", table)
+
+
+def epoch_line(epoch: int, epochs: int, losses: dict[str, float], seconds: float, saved: bool,
+               validation: dict[str, float] | None = None, lr: float | None = None) -> str:
+    """``epoch 3/20  loss 0.4123 …  lr 3.2e-04  val I-AUROC 91.3 P-AUROC 84.0  (12.1s) ✓ saved``."""
+    parts = [f"epoch {epoch}/{epochs}", " ".join(f"{k} {v:.4f}" for k, v in losses.items())]
+    if lr is not None:
+        parts.append(f"lr {lr:.1e}")
+    if validation:
+        shown = [f"{label} {100 * value:.1f}" for key, label in (("val/i_auroc", "I-AUROC"), ("val/p_auroc", "P-AUROC"))
+                 if (value := validation.get(key)) is not None and not math.isnan(value)]
+        if shown:
+            parts.append("val " + " ".join(shown))
+    return "  ".join(parts) + f"  ({seconds:.1f}s)" + (" ✓ saved" if saved else "")
 
 
 class ProgressView:
@@ -143,8 +160,9 @@ class ProgressView:
             state.update(steps=max(1, info["steps_per_epoch"]), epochs=info["epochs"])
             backbone = info.get("backbone", {})
             weights = "pretrained" if backbone.get("pretrained") else "RANDOM INIT"
+            where = f" · {info['device']} {info['precision']}" if "device" in info else ""
             self.message(f"{info['train_images']} training images · backbone {backbone.get('name')} ({weights}) · "
-                         f"{info['epochs']} epochs × {info['steps_per_epoch']} steps")
+                         f"{info['epochs']} epochs × {info['steps_per_epoch']} steps{where}")
         elif kind == "step":
             _, epoch, batch, loss = event
             task = self._epoch_task(progress, state, epoch)
@@ -152,13 +170,12 @@ class ProgressView:
             progress.update(task, completed=batch, info=info)
             self._plain(f"epoch {epoch + 1}/{state['epochs']} · step {batch}/{state['steps']} · {info}")
         elif kind == "epoch_end":
-            _, epoch, losses, seconds, saved = event
+            _, epoch, losses, seconds, saved, *extra = event
             if state.get("task") is not None:
                 progress.remove_task(state["task"])
                 state["task"] = None
-            parts = " ".join(f"{k} {v:.4f}" for k, v in losses.items())
-            mark = " ✓ saved" if saved else ""
-            progress.console.print(f"epoch {epoch}/{state['epochs']}  {parts}  ({seconds:.1f}s){mark}") if not self.quiet else None
+            if not self.quiet:
+                progress.console.print(epoch_line(epoch, state["epochs"], losses, seconds, saved, *extra))
         elif kind == "phase":
             self.message(event[1])
         elif kind == "eval_step":

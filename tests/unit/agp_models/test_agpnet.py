@@ -63,7 +63,12 @@ def test_default_config_matches_spec():
     assert (cfg.image_size, cfg.decoder_depth, cfg.decoder_width, cfg.decoder_heads) == (256, 4, 384, 6)
     assert (cfg.ema_momentum, cfg.ema_every, cfg.attention_source) == (0.9999, 10, "both")
     assert (cfg.feature_noise, cfg.image_noise, cfg.noise_floor, cfg.image_sigma) == ("attention", "attention", 0.1, 1.0)
-    assert (cfg.lr, cfg.weight_decay, cfg.lr_drop_at, cfg.smoothing_sigma, cfg.score_pool) == (1e-4, 1e-4, 0.4, 4.0, 16)
+    assert (cfg.weight_decay, cfg.smoothing_sigma, cfg.score_pool) == (1e-4, 4.0, 16)
+    # lr and schedule belong to the recipes since #15: the paper's is ViTAD's 1e-4·batch/8 at
+    # batch 32, ×0.1 at 40 % of 500 epochs.
+    paper = AGPNetConfig.recipes["paper"]
+    assert (paper.epochs, paper.batch_size, paper.lr_for(32), paper.lr_for(8)) == (500, 32, 4e-4, 1e-4)
+    assert (paper.lr_schedule, paper.lr_drop_at, paper.lr_drop_factor) == ("step", 0.4, 0.1)
     with pytest.raises(ValueError, match="feature_noise"):
         AGPNetConfig(feature_noise="gaussian")
 
@@ -116,14 +121,15 @@ def test_schedules():
         assert std[2:].mean().item() == pytest.approx(0.1, rel=0.03)
         assert std[:2].mean().item() == pytest.approx(alpha + 0.1, rel=0.03)
 
-    # Learning rate ×0.1 from 40 % of the steps on.
+    # Learning rate ×0.1 from 40 % of the steps on (a config outside a run takes the paper
+    # recipe's lr at its own batch size, 4e-4 at 32, since #15).
     optimizer, scheduler = model.configure_optimizers(total_steps=100)[0]
     rates = []
     for _ in range(100):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert rates[39] == pytest.approx(1e-4) and rates[40] == pytest.approx(1e-5) and rates[99] == pytest.approx(1e-5)
+    assert rates[39] == pytest.approx(4e-4) and rates[40] == pytest.approx(4e-5) and rates[99] == pytest.approx(4e-5)
     trained = {id(p) for p in optimizer.param_groups[0]["params"]}
     assert trained == {id(p) for p in model.decoder.parameters()}  # never teacher or backbone
 

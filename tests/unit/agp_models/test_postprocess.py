@@ -106,3 +106,14 @@ def test_postprocess_exports_to_onnx(tmp_path) -> None:
     got = session.run(None, {"raw": other.numpy()})
     for got_array, want in zip(got, _PostprocessModule()(other)):
         assert np.abs(got_array - want.numpy()).max() < 1e-5
+
+
+def test_score_sigma_scores_another_smoothing_than_the_pixel_map() -> None:
+    # RLR's authors: pixel metrics on the unsmoothed map, image score from the σ=4-smoothed one.
+    raw = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(3))
+    maps, scores = postprocess(raw, 32, 0.0, 0, score_sigma=4.0)
+    assert torch.equal(maps, upsample(raw, 32))
+    assert torch.allclose(scores, gaussian_smooth(upsample(raw, 32), 4.0).flatten(1).amax(dim=1))
+    assert not torch.allclose(scores, maps.flatten(1).amax(dim=1))
+    same_maps, same_scores = postprocess(raw, 32, 4.0, 16, score_sigma=None)
+    assert torch.equal(same_scores, postprocess(raw, 32, 4.0, 16)[1]) and torch.equal(same_maps, postprocess(raw, 32, 4.0, 16)[0])

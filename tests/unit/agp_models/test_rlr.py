@@ -8,12 +8,14 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 import agp_models  # noqa: F401  (before timm)
 from agp_models.backbones import build_backbone
 from agp_models.base import BackboneConfig
 from agp_models.layers import neighbourhood_mask
 from agp_models.metrics import compute_metrics
+from agp_models.postprocess import postprocess
 from agp_models.registry import method_class
 from agp_models.rlr import (
     RLR,
@@ -63,11 +65,16 @@ def images(n: int, seed: int) -> torch.Tensor:
 
 def test_defaults_follow_the_spec():
     cfg = RLRConfig()
-    assert cfg.backbone.name == "tf_efficientnet_b6"
+    # Authors' code (#15): the AutoAugment weights by full tag, linear embedding with positions
+    # added once, LayerNorm → Linear output, unsmoothed pixel maps and σ=4-smoothed image scores.
+    assert cfg.backbone.name == "tf_efficientnet_b6.aa_in1k"
+    assert (cfg.embedding, cfg.output_head, cfg.smoothing_sigma, cfg.score_sigma) == ("linear", "norm_linear", 0.0, 4.0)
     assert cfg.layers == [2, 3]  # tf_efficientnet_b6 feature_info reductions [2, 4, 8, 16, 32]
     assert (cfg.image_size, cfg.widths, cfg.heads, cfg.num_blocks, cfg.ffn_ratio) == (256, [256, 512], 8, 4, 4.0)
     assert cfg.window_sizes == {16: 5, 32: 7, 64: 11}
-    assert (cfg.alpha, cfg.jitter, cfg.jitter_scale, cfg.lr, cfg.score_pool) == (2.0, True, 4.0, 1e-4, 0)
+    assert (cfg.alpha, cfg.jitter, cfg.jitter_scale, cfg.score_pool) == (2.0, True, 4.0, 0)
+    paper = RLRConfig.recipes["paper"]  # lr and schedule are the recipe's since #15
+    assert (paper.epochs, paper.batch_size, paper.lr_for(64), paper.lr_schedule) == (200, 4, 1e-4, "constant")
     assert not cfg.attention_residual and cfg.attention == "cross" and cfg.mlka and cfg.lca_local
     assert method_class("rlr") is RLR
 
@@ -242,7 +249,8 @@ def test_lca_only_network_reconstructs_from_the_reference_alone(backbone, residu
 def test_per_level_optimisers_are_independent(backbone):
     model = make_model(backbone).train()
     pairs = model.configure_optimizers(total_steps=10)
-    assert len(pairs) == 2 and all(isinstance(o, torch.optim.Adam) and s is None for o, s in pairs)
+    # Each level's optimiser has its own scheduler (the recipe's schedule, constant for the paper's).
+    assert len(pairs) == 2 and all(isinstance(o, torch.optim.Adam) and s is not None for o, s in pairs)
     groups = [{id(p) for g in o.param_groups for p in g["params"]} for o, _ in pairs]
     for group, level in zip(groups, model.levels):
         assert group == {id(p) for p in level.parameters()}
@@ -400,3 +408,49 @@ def test_short_training_run_beats_chance(backbone, one_thread):
     # below the worst seed seen; pixels are many more, 0.80 stays below the worst seed (0.88).
     assert metrics["i_auroc"] >= 0.75, metrics
     assert metrics["p_auroc"] >= 0.80, metrics
+
+
+# -- the authors' code as defaults (#15) --------------------------------------------------------
+
+
+def test_linear_embedding_adds_positions_once_and_ffn_embedding_per_block(backbone):
+    code = make_model(backbone).eval()
+    level = code.levels[0]
+    assert isinstance(level.input_embed, nn.Linear) and level.reference.shape[1] == backbone.channels[0]
+    assert isinstance(level.output_head[0], nn.LayerNorm) and isinstance(level.output_head[1], nn.Linear)
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.append(args[2])) for b in level.blocks]
+    tokens = torch.randn(2, level.grid[0] * level.grid[1], backbone.channels[0])
+    with torch.no_grad():
+        expected_first = level.input_embed(tokens) + level.pos
+        level(tokens)
+    assert seen == [None] * len(level.blocks)  # blocks never re-add positions
+    for hook in hooks:
+        hook.remove()
+    # the first block's queries are the embedded tokens with positions, added once
+    captured = []
+    hook = level.blocks[0].register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    with torch.no_grad():
+        level(tokens)
+    hook.remove()
+    torch.testing.assert_close(captured[0], expected_first)
+
+    paper = make_model(backbone, embedding="ffn", output_head="ffn").eval()
+    assert paper.levels[0].reference.shape[1] == paper.cfg.widths[0] and paper.levels[0].reference_embed is None
+    seen.clear()
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.append(args[2])) for b in paper.levels[0].blocks]
+    with torch.no_grad():
+        paper.levels[0](tokens)
+    assert all(p is paper.levels[0].pos for p in seen)
+    for hook in hooks:
+        hook.remove()
+
+
+def test_pixel_maps_unsmoothed_and_scores_from_the_smoothed_map(backbone):
+    model = make_model(backbone, smoothing_sigma=0.0, score_sigma=4.0).eval()
+    x = images(2, 31)
+    with torch.no_grad():
+        raw = model.raw_map(x)
+        prediction = model.predict(x)
+    torch.testing.assert_close(prediction.maps, raw)
+    torch.testing.assert_close(prediction.scores, postprocess(raw, IMAGE_SIZE, 4.0, 0)[1])

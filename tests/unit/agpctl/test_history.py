@@ -59,10 +59,22 @@ def test_history_has_one_documented_line_per_epoch(tracked_run):
 
 def test_history_without_validation_has_no_val_key(generated_dataset, tmp_path):
     run_uri = str(tmp_path / "plain")
-    run_in_process(tiny_config(generated_dataset, epochs=1), run_uri)
+    # Synthetic validation is the default since #15: this run switches it off.
+    run_in_process(tiny_config(generated_dataset, epochs=1).with_overrides({"train.validation": "none"}), run_uri)
     (record,) = runs.read_history(run_uri)
     assert set(record) == RECORD_KEYS - {"val"}
     assert not storage.exists(storage.join(run_uri, runs.TENSORBOARD_DIR))  # off unless asked for
+
+
+def test_validate_every_k_epochs_and_always_the_last(generated_dataset, tmp_path):
+    run_uri = str(tmp_path / "every2")
+    cfg = tiny_config(generated_dataset, epochs=3).with_overrides({"train.validate_every": 2})
+    run = run_in_process(cfg, run_uri)
+    history = runs.read_history(run_uri)
+    assert ["val" in record for record in history] == [False, True, True]  # epoch 2, and 3 (the last)
+    assert all(0.0 <= history[1]["val"][name] <= 1.0 for name in ("i_auroc", "p_auroc"))
+    # Between validations the last metrics travel on in the reports (a sweep needs its metric).
+    assert "val/objective" not in run.reports[0] and run.reports[1]["val/objective"] == history[1]["val"]["objective"]
 
 
 def test_resume_replaces_the_epochs_it_trains_again(tracked_run, tmp_path):
