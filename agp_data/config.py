@@ -35,7 +35,15 @@ class DataConfig:
     shots: int = 0  # few-shot: k normal images per category (0 = all)
     val_fraction: float = 0.1  # normal training images held out for thresholds / validation
     loader_workers: int = 1  # DataLoader processes per training worker
+    # Decoded, resized training/validation images kept in memory per loader process (MiB;
+    # 0 = decode every epoch). MVTec-AD at 256 px takes about 700 MiB.
+    decoded_cache_mb: int = 2048
     cache_dir: str | None = None  # local cache for s3:// images (default ~/.cache/agp)
     texture_root: str | None = None  # DTD-style texture folder for pseudo-anomalies (else generated)
     strict: bool = False  # --strict-data: mask problems are errors instead of warnings
+    # Tiling for high-resolution images (agp_data/tiling.py): tiles of `tile` px at the working
+    # resolution (native, or longer side = tile_working_size), overlapping by tile_overlap.
+    tile: int | None = None  # None = resize whole images to model.image_size
+    tile_overlap: float = 0.25
+    tile_working_size: int | None = None
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)

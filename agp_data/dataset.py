@@ -46,6 +46,7 @@ class AnomalyDataset(Dataset):
         mean: Sequence[float],
         std: Sequence[float],
         cache_dir: str | None = None,
+        decoded_cache_mb: float = 0,
     ) -> None:
         self.samples: list[Sample] = list(samples)
         if not self.samples:
@@ -59,6 +60,13 @@ class AnomalyDataset(Dataset):
             raise DataError(f"std values must be positive, got {list(std)}")
         self.cache_dir = cache_dir
         self.categories: list[str] = sorted({s.category for s in self.samples})
+        # Decode once: resized uint8 pixels (and masks) per index, up to a byte budget, so
+        # that epochs after the first skip file reads, decoding and resizing. Each loader
+        # process fills its own copy; persistent loader workers keep it across epochs.
+        self.decoded_cache_bytes = int(decoded_cache_mb * 2**20)
+        self._decoded: dict[int, np.ndarray] = {}
+        self._decoded_masks: dict[int, np.ndarray] = {}
+        self._decoded_bytes = 0
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -68,22 +76,43 @@ class AnomalyDataset(Dataset):
 
     def load_image(self, index: int) -> Image.Image:
         """The sample's image, RGB, resized to the dataset size (not normalised)."""
-        sample = self.samples[index]
-        image = read_image(self._local(sample.image))
+        return Image.fromarray(self.pixels(index))
+
+    def pixels(self, index: int) -> np.ndarray:
+        """The sample's image as S×S×3 uint8, resized (decoded once while the budget lasts)."""
+        cached = self._decoded.get(index)
+        if cached is not None:
+            return cached
+        image = read_image(self._local(self.samples[index].image))
         size = (self.image_size, self.image_size)
-        return image if image.size == size else image.resize(size, Image.Resampling.BILINEAR)
+        if image.size != size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+        self._remember(self._decoded, index, array)
+        return array
 
     def load_mask(self, index: int) -> torch.Tensor:
         """1×S×S float 0/1 mask (zeros when the sample has none)."""
         sample = self.samples[index]
         if sample.mask is None:
             return torch.zeros(1, self.image_size, self.image_size)
-        mask = read_mask(self._local(sample.mask), size=(self.image_size, self.image_size))
-        return torch.from_numpy(mask.astype(np.float32)).unsqueeze(0)
+        mask = self._decoded_masks.get(index)
+        if mask is None:
+            mask = read_mask(self._local(sample.mask), size=(self.image_size, self.image_size)).astype(np.uint8)
+            self._remember(self._decoded_masks, index, mask)
+        return torch.from_numpy(mask.astype(np.float32)).unsqueeze(0)  # astype copies: writable
 
-    def normalize(self, image: Image.Image) -> torch.Tensor:
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    def _remember(self, store: dict[int, np.ndarray], index: int, array: np.ndarray) -> None:
+        if self._decoded_bytes + array.nbytes <= self.decoded_cache_bytes:
+            array.setflags(write=False)  # shared by every later item of this index
+            store[index] = array
+            self._decoded_bytes += array.nbytes
+
+    def normalize(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        pixels = np.asarray(image, dtype=np.uint8)
+        # cached pixels are read-only; torch wants to own writable memory (a 1-byte-per-pixel copy)
+        tensor = (torch.from_numpy(pixels) if pixels.flags.writeable else torch.tensor(pixels))
+        tensor = tensor.permute(2, 0, 1).float().div_(255.0)
         return (tensor - self.mean) / self.std
 
     def __getitem__(self, index: int) -> Item:
@@ -93,7 +122,7 @@ class AnomalyDataset(Dataset):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         sample = self.samples[index]
         return {
-            "image": self.normalize(self.load_image(index)),
+            "image": self.normalize(self.pixels(index)),
             "mask": self.load_mask(index),
             "label": int(sample.label),
             "category": sample.category,

@@ -16,6 +16,8 @@ from agp_data.fewshot import ExpandedDataset, select_shots
 from agp_data.generate import synthetic_root
 from agp_data.layouts import FolderLayout, load_samples
 from agp_data.samples import Sample
+from agp_data.tiled import build_tiled_datasets
+from agp_data.tiling import Tiling
 
 FEW_SHOT_EXPANSION = 32
 
@@ -51,6 +53,7 @@ def folder_layout(data: DataConfig) -> FolderLayout | None:
 
 
 def split_samples(data: DataConfig, seed: int) -> SampleSplits:
+    Tiling.from_config(data)  # bad tiling values fail here, before any image is read
     root = resolve_root(data)
     samples = load_samples(data.dataset, root, categories=data.categories, folder=folder_layout(data))
     train = [s for s in samples if s.split == "train" and s.label == 0]
@@ -86,10 +89,16 @@ def hold_out(train: list[Sample], fraction: float) -> tuple[list[Sample], list[S
 
 
 def build_datasets(data: DataConfig, splits: SampleSplits, image_size: int, mean, std):
+    tiling = Tiling.from_config(data)
+    if tiling is not None:  # train on tiles, evaluate whole images tile by tile (agp_data/tiled.py)
+        train, val, test = build_tiled_datasets(data, splits.train, splits.val, splits.test, tiling, image_size,
+                                                mean, std)
+        return (ExpandedDataset(train, FEW_SHOT_EXPANSION) if data.shots else train), val, test
     s3_cache = os.path.join(data.cache_dir, "s3") if data.cache_dir else None
 
     def make(samples):
-        return AnomalyDataset(samples, image_size=image_size, mean=mean, std=std, cache_dir=s3_cache)
+        return AnomalyDataset(samples, image_size=image_size, mean=mean, std=std, cache_dir=s3_cache,
+                              decoded_cache_mb=data.decoded_cache_mb)
 
     train = make(splits.train)
     if data.shots:

@@ -6,11 +6,14 @@ adding a method means one module plus one line in :mod:`agp_models.registry`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterable
+from typing import Any, ClassVar, Iterable, Literal
 
 import torch
 from torch import Tensor, nn
+
+from agp_models.recipes import Recipe, lr_scheduler, schedule_of
 
 Batch = dict[str, Any]
 """A collated batch from :mod:`agp_data`. Always present: ``image`` (B,3,H,W, normalised),
@@ -39,14 +42,23 @@ class BackboneConfig:
 
 @dataclass(kw_only=True)
 class MethodConfig:
-    """Fields every method shares; each method subclasses it with its own defaults."""
+    """Fields every method shares; each method subclasses it with its own defaults and recipes."""
+
+    recipes: ClassVar[dict[str, Recipe]] = {}  # by name: "paper", "fast" (agp_models.recipes)
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     layers: list[int] = field(default_factory=list)  # ViT: 1-indexed blocks; CNN: timm out_indices
     image_size: int = 256
     smoothing_sigma: float = 4.0  # Gaussian smoothing of evaluation maps in pixels, 0 = off
+    # Smoothing of the map the image score is taken from; None = the evaluation map's (smoothing_sigma).
+    score_sigma: float | None = None
     score_pool: int = 16  # image score = max of the k×k (stride 1) average-pooled map; 0 = plain max
-    lr: float = 1e-4
+    # Optimiser and schedule: None = the run's recipe (agp_models.recipes), resolved into the saved config.
+    lr: float | None = None
+    lr_schedule: Literal["constant", "step", "cosine"] | None = None
+    warmup_fraction: float | None = None  # of all steps
+    lr_drop_at: float | None = None  # step schedule: fraction of the steps after which lr ×lr_drop_factor
+    lr_drop_factor: float | None = None
     weight_decay: float = 1e-4
     feature_cache: bool = True  # cache clean features of un-augmented training images
     grad_clip_norm: float = 0.0  # clip the trainable parameters' gradient norm to this; 0 = off
@@ -78,8 +90,7 @@ class AnomalyModel(nn.Module):
         backbone.eval()
         for p in backbone.parameters():
             p.requires_grad_(False)
-        self._feature_cache: dict[int, Any] = {}
-        self._cache_returns_tuple = False
+        self._feature_cache = FeatureCache()
 
     # -- the interface -----------------------------------------------------------------
     def training_step(self, batch: Batch, progress: float) -> dict[str, Tensor]:
@@ -101,8 +112,12 @@ class AnomalyModel(nn.Module):
     def configure_optimizers(self, total_steps: int) -> list[tuple[torch.optim.Optimizer, Any]]:
         """(optimizer, per-step lr scheduler or None) pairs; every pair steps every step."""
         params = [p for p in self.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        return [(opt, None)]
+        opt = torch.optim.AdamW(params, lr=schedule_of(self.cfg)["lr"], weight_decay=self.cfg.weight_decay)
+        return [(opt, self.lr_scheduler(opt, total_steps))]
+
+    def lr_scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> Any:
+        """The recipe's per-step lr schedule (warm-up, constant / step / cosine) for ``optimizer``."""
+        return lr_scheduler(optimizer, self.cfg, total_steps)
 
     def forward(self, batch: Batch, progress: float) -> dict[str, Tensor]:
         # DDP only synchronises gradients of work done through forward().
@@ -124,27 +139,88 @@ class AnomalyModel(nn.Module):
         index so the backbone runs once per image over the whole training run.
 
         ``compute`` must return a tensor or a tuple/list of tensors with batch dimension 0.
-        Cached values live on the CPU in half precision.
+        Cached values are kept in half precision (:class:`FeatureCache`) and returned as float32.
         """
         if key_tensor is None or not self.cfg.feature_cache or not self.training:
             return compute(images)
-        keys = [int(k) for k in key_tensor.tolist()]
-        missing = [i for i, k in enumerate(keys) if k not in self._feature_cache]
-        if missing:
-            out = compute(images[missing])
-            self._cache_returns_tuple = isinstance(out, (tuple, list))
-            parts = out if self._cache_returns_tuple else (out,)
-            for j, i in enumerate(missing):
-                self._feature_cache[keys[i]] = tuple(p[j].detach().to("cpu", torch.float16) for p in parts)
-        device = images.device
-        # Stacking half-precision copies is not an autocast op (it raises under CPU bf16).
-        with torch.autocast(device_type=device.type, enabled=False):
-            stacked = tuple(
-                torch.stack([self._feature_cache[k][n] for k in keys]).to(device, torch.float32)
-                for n in range(len(self._feature_cache[keys[0]]))
-            )
-        return stacked if self._cache_returns_tuple else stacked[0]
+        return self._feature_cache.lookup(key_tensor, images, compute)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
+
+
+class FeatureCache:
+    """Clean training features by sample index, in one preallocated half-precision tensor
+    per output, on the images' device when it fits there (one gather per step instead of
+    stacking per-sample tensors; no host copies on a GPU).
+
+    Capacity grows by doubling as larger sample indices arrive. On CUDA the cache stays on
+    the GPU while it takes at most ``gpu_fraction`` of the device's free memory, else it
+    lives in pinned host memory.
+    """
+
+    def __init__(self, gpu_fraction: float = 0.25):
+        self.gpu_fraction = gpu_fraction
+        self.parts: list[Tensor] = []
+        self.filled = torch.zeros(0, dtype=torch.bool)  # on the host: which indices hold features
+        self.returns_tuple = False
+
+    def __len__(self) -> int:
+        return int(self.filled.sum())
+
+    def __contains__(self, index: int) -> bool:
+        return 0 <= index < len(self.filled) and bool(self.filled[index])
+
+    def __iter__(self):
+        return iter(torch.nonzero(self.filled).flatten().tolist())
+
+    def lookup(self, key_tensor: Tensor, images: Tensor, compute) -> Any:
+        keys = key_tensor.detach().to("cpu", torch.long)  # sample ids travel on the host (agpctl keeps them there)
+        missing = torch.nonzero(~self._filled_for(keys)).flatten()
+        if len(missing):
+            out = compute(images[missing.to(images.device)])
+            self.returns_tuple = isinstance(out, (tuple, list))
+            parts = out if self.returns_tuple else (out,)
+            self._store(keys[missing], [p.detach() for p in parts], images.device)
+        device = images.device
+        index = keys.to(self.parts[0].device, non_blocking=True)
+        # Gathering half-precision copies is not an autocast op (it raises under CPU bf16).
+        with torch.autocast(device_type=device.type, enabled=False):
+            stacked = tuple(part.index_select(0, index).to(device, torch.float32, non_blocking=True)
+                            for part in self.parts)
+        return stacked if self.returns_tuple else stacked[0]
+
+    def _filled_for(self, keys: Tensor) -> Tensor:
+        inside = keys < len(self.filled)
+        result = torch.zeros(len(keys), dtype=torch.bool)
+        result[inside] = self.filled[keys[inside]]
+        return result
+
+    def _store(self, keys: Tensor, values: list[Tensor], device: torch.device) -> None:
+        needed = int(keys.max()) + 1
+        if not self.parts or needed > len(self.filled):
+            self._grow(max(needed, 2 * len(self.filled)), values, device)
+        index = keys.to(self.parts[0].device)
+        for part, value in zip(self.parts, values):
+            part.index_copy_(0, index, value.to(part.device, torch.float16))
+        self.filled[keys] = True
+
+    def _grow(self, capacity: int, values: list[Tensor], device: torch.device) -> None:
+        shapes = [tuple(v.shape[1:]) for v in values]
+        home = self._home(capacity, shapes, device)
+        grown = [torch.zeros((capacity, *shape), dtype=torch.float16, device=home) for shape in shapes]
+        if home.type == "cpu" and device.type == "cuda":
+            grown = [g.pin_memory() for g in grown]
+        for new, old in zip(grown, self.parts):
+            new[: len(old)] = old.to(home)
+        filled = torch.zeros(capacity, dtype=torch.bool)
+        filled[: len(self.filled)] = self.filled
+        self.parts, self.filled = grown, filled
+
+    def _home(self, capacity: int, shapes: list[tuple[int, ...]], device: torch.device) -> torch.device:
+        if device.type != "cuda":
+            return torch.device("cpu")
+        nbytes = 2 * capacity * sum(math.prod(shape) for shape in shapes)
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if nbytes <= self.gpu_fraction * free else torch.device("cpu")

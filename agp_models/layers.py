@@ -84,7 +84,13 @@ class MultiHeadAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         B, Nq, C = query.shape
+        # Keys/values shared by the whole batch (batch dimension 1, e.g. a learned reference)
+        # are projected once and broadcast, not once per image.
         q, k, v = self._heads(self.q(query)), self._heads(self.k(key)), self._heads(self.v(value))
+        if k.shape[0] != B:
+            k = k.expand(B, -1, -1, -1)
+        if v.shape[0] != B:
+            v = v.expand(B, -1, -1, -1)
         dropout = self.attn_drop if self.training else 0.0
         probs: Tensor | None = None
         if return_attention:

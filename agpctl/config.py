@@ -16,30 +16,41 @@ import yaml
 
 from agp_data.config import DataConfig, SyntheticConfig
 from agp_models.base import MethodConfig
+from agp_models.recipes import resolve_recipe as resolve_method_recipe
 from agp_models.registry import method_class, method_names
 from agpctl.errors import UserError
 
 __all__ = ["ClusterConfig", "DataConfig", "RunConfig", "StorageConfig", "SyntheticConfig", "TrainConfig",
-           "check_choices", "coerce_value", "method_config_class", "parse_value"]
+           "auto_gpus_per_worker", "check_choices", "coerce_value", "method_config_class", "parse_value",
+           "requested_gpus", "resolve_recipe"]
 
-Precision = Literal["fp32", "bf16"]
+# auto: bf16 autocast where the device runs it natively (CUDA with bf16; CPUs with AMX or
+# AVX512-BF16), else fp32 (agpctl.models.resolve_precision).
+Precision = Literal["auto", "fp32", "bf16"]
 # none | synthetic (held-out normals + pseudo anomalies on them) | test (the test split:
 # selecting on it leaks the test set; sweeps warn about it).
 ValidationMode = Literal["none", "synthetic", "test"]
 
 
+# paper: the paper's epochs, batch size and lr schedule; fast: a short schedule for a fixed
+# budget. Each method owns its recipes (agp_models.recipes); resolve_recipe fills them in.
+RecipeName = Literal["paper", "fast"]
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 8
+    recipe: RecipeName = "fast"
+    epochs: int | None = None  # None: the recipe's (resolve_recipe records the value used)
+    batch_size: int | None = None  # None: the recipe's
     eval_batch_size: int = 16
-    precision: Precision = "fp32"
+    precision: Precision = "auto"
     seed: int = 0
     checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
     keep_checkpoints: int = 2
     threshold_quantile: float = 0.99  # auto threshold = this quantile of held-out normal scores
     # Per-epoch validation, reported as val/i_auroc, val/p_auroc, val/pro, val/objective.
-    validation: ValidationMode = "none"
+    validation: ValidationMode = "synthetic"
+    validate_every: int = 1  # epochs between validations (the last epoch always validates)
     # Experiment tracking besides the run's history.jsonl (agpctl.training.tracking; rank 0).
     tensorboard: bool = False  # TensorBoard event files in <run>/tensorboard/
     mlflow: str | None = None  # an MLflow tracking URI, e.g. http://mlflow:5000
@@ -49,11 +60,16 @@ class TrainConfig:
 class ClusterConfig:
     address: str | None = None  # None: embedded local Ray; ray://host:10001; http://host:8265
     workers: int = 1
-    gpus_per_worker: float = 0.0
+    # auto: 1 per worker when the (local or remote) Ray cluster has GPUs, else 0;
+    # resolved against the live cluster (auto_gpus_per_worker), the saved config stays auto.
+    gpus_per_worker: float | Literal["auto"] = "auto"
     # None (auto): the embedded local Ray shares the machine's CPUs among the workers; a
     # remote cluster reserves 1 per worker. Torch uses as many threads as CPUs reserved.
     cpus_per_worker: float | None = None
     max_failures: int = 0
+    # The embedded Ray's dashboard (http://127.0.0.1:8265 while the command runs): off by
+    # default, its processes cost seconds of start-up; remote clusters keep their own.
+    dashboard: bool = False
 
 
 @dataclass(kw_only=True)
@@ -113,6 +129,30 @@ class RunConfig:
                 raw["model"] = {k: v for k, v in raw["model"].items() if k in shared}
             _set_path(raw, path, value)
         return RunConfig.from_dict(raw, "command line")
+
+
+def auto_gpus_per_worker(cluster_gpus: float) -> float:
+    """``gpus_per_worker: auto`` on a cluster with ``cluster_gpus`` GPUs in all."""
+    return 1.0 if cluster_gpus >= 1 else 0.0
+
+
+def requested_gpus(cluster: ClusterConfig, cluster_gpus: float) -> float:
+    """GPUs per worker, ``auto`` resolved against ``cluster_gpus``."""
+    value = cluster.gpus_per_worker
+    return auto_gpus_per_worker(cluster_gpus) if value == "auto" else float(value)
+
+
+def resolve_recipe(cfg: RunConfig) -> RunConfig:
+    """Fills what ``cfg`` leaves unset (epochs, batch size, lr, lr schedule) from its method's
+    recipe ``train.recipe``, in place, so that the saved config records every value a run
+    used; values already set (flags, YAML, a resumed run's config) stay. Idempotent."""
+    try:
+        epochs, batch_size = resolve_method_recipe(cfg.model, cfg.train.recipe, cfg.train.epochs,
+                                                   cfg.train.batch_size)
+    except ValueError as exc:
+        raise UserError(f"train.recipe: {exc}") from None
+    cfg.train.epochs, cfg.train.batch_size = epochs, batch_size
+    return cfg
 
 
 def method_config_class(method: str) -> type[MethodConfig]:

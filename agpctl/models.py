@@ -67,14 +67,44 @@ def backbone_summary(model: AnomalyModel) -> dict[str, Any]:
     }
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively (not emulated)."""
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def device_name(device: torch.device) -> str:
+    """``cuda:0 (NVIDIA H200)`` or ``cpu``: what the run header shows."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` as bf16 where the device runs it natively, else fp32; other values as given."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
+    if resolve_precision(precision, device) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
+# Sample ids are bookkeeping (feature-cache keys, result order): reading them on the host
+# must not wait for the device.
+HOST_FIELDS = frozenset({"index", "prompt_index"})
+
+
 def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_FIELDS else v
+            for k, v in batch.items()}
 
 
 def seed_everything(seed: int) -> None:

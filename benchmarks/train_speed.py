@@ -1,51 +1,78 @@
-"""Training / inference speed and peak memory of the methods, one function per method.
+"""Training speed of each method through the application's own pipeline, as a share of what
+the machine can do.
 
-    .venv/bin/python benchmarks/train_speed.py --method agpnet            # CPU or the first GPU
-    .venv/bin/python benchmarks/train_speed.py --method agpnet --precision fp32 --steps 5
-    .venv/bin/python benchmarks/train_speed.py --method all      # agpnet, onenip, rlr
+    .venv/bin/python benchmarks/train_speed.py                          # all methods, fp32 + bf16
+    .venv/bin/python benchmarks/train_speed.py --method onenip --precision bf16
+    .venv/bin/python benchmarks/train_speed.py --device cuda            # on a GPU
+    .venv/bin/python benchmarks/train_speed.py --before /tmp/agp-before # that checkout, then this one
 
-Defaults: batch 8, fp32 and bf16 autocast, 2 warm-up + 3 timed steps on GPU (1 + 2 on CPU,
-where one ViT-S/16 AGPNet step at 256 px takes seconds).
+Per method and precision, on a generated MVTec-layout dataset at the method's image size,
+built, loaded and trained exactly as a training worker does (``agpctl.models.build_model``,
+``agp_data.splits``, the method's batch extras, a ``DataLoader``, ``agpctl.training.steps.Trainer``):
 
-Backbones are random-init (speed does not depend on the weights). A training step is the
-whole optimiser step: ``training_step`` + backward + optimiser + ``after_step``. With the
-feature cache on (the default for un-augmented training images), the timed steps hit the
-cache filled during warm-up, i.e. the steady state after the first epoch. The backbone share
-is the time spent inside the backbone's forward during the timed training steps, measured
-with forward hooks (synchronised on GPU), divided by the step time.
+- images/s: training images per second over whole epochs after a warm-up epoch (which fills
+  the feature cache and starts the loader processes: the steady state of a long run);
+- GFLOP/img: floating-point operations of one training step per image, counted with
+  ``torch.utils.flop_counter`` (matmuls, convolutions, attention; forward and backward);
+- achieved = GFLOP/img × images/s, and **util** = achieved / the machine's dense matmul peak at
+  the same precision, measured in the same run (so utilisation is a ratio, not a time);
+- where an epoch's time goes, from ``torch.profiler``: data (loading, decoding, synthesis,
+  host-to-device copies: time the step loop waits for its batch), backbone (frozen forward
+  passes), method (the rest of the forward), backward, optimiser (step, schedulers, EMA
+  teachers), other. On CUDA these are host-side times (kernels run asynchronously).
 
-Peak memory: ``torch.cuda.max_memory_allocated`` on GPU; on CPU the process's peak resident
-set size (monotone over the whole run, so later rows include earlier peaks).
+Backbones are the methods' default (paper) networks with random weights: speed does not
+depend on the weights. ``--before PATH`` runs this script against the code of another
+checkout first (e.g. ``git worktree add /tmp/agp-before <commit>``), then against this one,
+and prints the speed-up per row.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import resource
+import os
+import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve()
+
+
+def _code_root() -> Path:
+    """The checkout whose packages are benchmarked (``--code``), this one by default."""
+    if "--code" in sys.argv:
+        return Path(sys.argv[sys.argv.index("--code") + 1]).resolve()
+    return HERE.parents[1]
+
+
+sys.path.insert(0, str(_code_root()))
 
 import torch  # noqa: E402
 
 import agp_models  # noqa: E402,F401  (before timm)
-from agp_models.backbones import build_backbone  # noqa: E402
-from agp_models.base import AnomalyModel, BackboneConfig  # noqa: E402
+
+PHASES = ("data", "backbone", "method", "backward", "optimizer", "other")
 
 
 @dataclass
 class Row:
     method: str
     precision: str
-    phase: str  # train | infer
     images_per_s: float
-    peak_memory_mib: float
-    backbone_share: float | None  # fraction of a training step spent in the backbone
+    gflop_per_image: float
+    peak_gflops: float
+    shares: dict[str, float]  # phase -> share of an epoch's wall time
+
+    @property
+    def achieved_gflops(self) -> float:
+        return self.gflop_per_image * self.images_per_s
+
+    @property
+    def utilisation(self) -> float:
+        return self.achieved_gflops / self.peak_gflops if self.peak_gflops else 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -53,216 +80,204 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-def _reset_peak(device: torch.device) -> None:
+def matmul_peak_gflops(device: torch.device, precision: str, n: int = 2048, seconds: float = 1.0) -> float:
+    """Dense square matmuls back to back: the machine's attainable FLOP/s at ``precision``."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-class BackboneTimer:
-    """Accumulates wall time spent inside ``module.forward`` (hooks; synchronised on GPU)."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.device = device
-        self.total = 0.0
-        self._start = 0.0
-        self.enabled = False
-        module.register_forward_pre_hook(self._before)
-        module.register_forward_hook(self._after)
-
-    def _before(self, *_):
-        if self.enabled:
-            _sync(self.device)
-            self._start = time.perf_counter()
-
-    def _after(self, *_):
-        if self.enabled:
-            _sync(self.device)
-            self.total += time.perf_counter() - self._start
-
-
-def measure(
-    name: str,
-    model: AnomalyModel,
-    make_batch: Callable[[int], dict],
-    device: torch.device,
-    precisions: list[str],
-    batch_size: int,
-    warmup: int,
-    steps: int,
-) -> list[Row]:
-    """Time ``steps`` training steps and ``steps`` predict calls per precision after warm-up."""
-    rows: list[Row] = []
-    timer = BackboneTimer(model.backbone, device)
-    for precision in precisions:
-        model.train()
-        optimizers = model.configure_optimizers(total_steps=10_000)
-        _reset_peak(device)
-
-        def train_step(step: int) -> None:
-            batch = make_batch(step)
-            with _autocast(device, precision):
-                loss = model.training_step(batch, progress=0.5)["loss"]
-            for optimizer, _ in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for optimizer, scheduler in optimizers:
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-            model.after_step(step + 1)
-
-        for step in range(warmup):
-            train_step(step)
-        _sync(device)
-        timer.total, timer.enabled = 0.0, True
-        start = time.perf_counter()
-        for step in range(warmup, warmup + steps):
-            train_step(step)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        timer.enabled = False
-        rows.append(
-            Row(name, precision, "train", batch_size * steps / elapsed, _peak_mib(device), timer.total / elapsed)
-        )
-
-        model.eval()
-        _reset_peak(device)
-        images = make_batch(0)["image"]
-        with torch.no_grad(), _autocast(device, precision):
-            for _ in range(warmup):
-                model.predict(images)
+        n = 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    runs, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        runs += 1
+        if device.type == "cuda" and runs % 10 == 0:
             _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                model.predict(images)
-            _sync(device)
-        elapsed = time.perf_counter() - start
-        rows.append(Row(name, precision, "infer", batch_size * steps / elapsed, _peak_mib(device), None))
-    return rows
+    _sync(device)
+    return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9
 
 
-def bench_agpnet(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    """AGPNet at its defaults (ViT-S/16 DINO architecture, 256 px, layers 3/6/9/12, both noises)."""
-    from agp_models.agpnet import AGPNet, AGPNetConfig
+class Pipeline:
+    """One method's model, data and trainer, as a training worker builds them."""
 
-    cfg = AGPNetConfig(
-        backbone=BackboneConfig(name="vit_small_patch16_224.dino", pretrained="no"),
-        feature_cache=args.feature_cache,
-    )
-    return _bench_on_fixed_images("agpnet", AGPNet, cfg, args, device)
+    def __init__(self, method: str, precision: str, root: str, args: argparse.Namespace, device: torch.device):
+        from torch.utils.data import DataLoader
 
+        from agp_data.anomaly_synthesis import SynthesisConfig
+        from agp_data.splits import build_datasets, split_samples
+        from agp_data.training_view import TrainingView
+        from agpctl.config import RunConfig
+        from agpctl.distributed import WorkerContext
+        from agpctl.models import build_model
+        from agpctl.training.steps import Trainer
 
-def _bench_on_fixed_images(name: str, model_class, cfg, args: argparse.Namespace, device: torch.device) -> list[Row]:
-    """Methods whose batch is just images. One fixed batch: from the second step on the clean
-    features come from the cache, as in every epoch after the first."""
-    model = model_class(cfg, build_backbone(cfg.backbone, cfg.layers, cfg.image_size)).to(device)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    images = torch.randn(args.batch, 3, cfg.image_size, cfg.image_size, generator=generator).to(device)
-    index = torch.arange(args.batch)
-
-    def make_batch(step: int) -> dict:
-        return {"image": images, "index": index}
-
-    trainable = sum(p.numel() for p in model.trainable_parameters())
-    print(f"{name}: {trainable / 1e6:.2f} M trainable parameters, feature_cache={cfg.feature_cache}")
-    return measure(name, model, make_batch, device, args.precision, args.batch, args.warmup, args.steps)
-
-
-def bench_onenip(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    """OneNIP at its defaults (EfficientNet-b4 strides 2/4/8/16 at 224 px, 4+4 layers of width
-    256, restoration stream and refiner on). A training step reconstructs the clean batch and
-    its pseudo-anomalous copy from one prompt each; the pseudo-anomalous features are never
-    cached (every epoch pastes new defects), so the backbone runs on them every step."""
-    from agp_models.onenip import OneNIP, OneNIPConfig
-
-    cfg = OneNIPConfig(backbone=BackboneConfig(name="efficientnet_b4", pretrained="no"), feature_cache=args.feature_cache)
-    backbone = build_backbone(cfg.backbone, cfg.layers, cfg.image_size)
-    model = OneNIP(cfg, backbone).to(device)
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    size, b = cfg.image_size, args.batch
-    images = torch.randn(b, 3, size, size, generator=generator).to(device)
-    prompts = torch.randn(b, 3, size, size, generator=generator).to(device)
-    anomaly_images = torch.randn(b, 3, size, size, generator=generator).to(device)
-    anomaly_masks = torch.zeros(b, 1, size, size, device=device)
-    anomaly_masks[:, :, size // 4 : size // 2, size // 4 : size // 2] = 1.0
-    index = torch.arange(b)
-
-    def make_batch(step: int) -> dict:
-        return {
-            "image": images, "index": index, "prompt_image": prompts, "prompt_index": index + b,
-            "anomaly_image": anomaly_images, "anomaly_mask": anomaly_masks, "category": ["bench"] * b,
+        overrides = {
+            "model.backbone.pretrained": "no", "data.dataset": "mvtec", "data.root": root,
+            "data.loader_workers": args.loader_workers, "train.batch_size": args.batch, "train.precision": precision,
+            "train.epochs": 100,
         }
+        if args.image_size:
+            overrides["model.image_size"] = args.image_size
+        cfg = RunConfig(method=method).with_overrides(overrides)
+        self.cfg, self.device = cfg, device
+        self.model = build_model(cfg, device)
+        splits = split_samples(cfg.data, cfg.train.seed)
+        train_set, _, _ = build_datasets(cfg.data, splits, cfg.model.image_size, self.model.backbone.mean,
+                                         self.model.backbone.std)
+        if self.model.batch_extras:
+            synthesis = SynthesisConfig(probability=self.model.pseudo_anomaly_probability)
+            train_set = TrainingView(train_set, self.model.batch_extras, synthesis=synthesis, seed=0)
+        self.images = len(train_set) - len(train_set) % args.batch
+        self.loader = DataLoader(train_set, batch_size=args.batch, shuffle=True, drop_last=True,
+                                 num_workers=args.loader_workers, persistent_workers=args.loader_workers > 0,
+                                 pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(0))
+        self.trainer = Trainer(self.model, self.model, cfg, steps_per_epoch=len(self.loader),
+                               ctx=WorkerContext(device=device))
 
-    model.fit_inference_state([make_batch(0)])  # prompt pool + score normalisation for predict
-    trainable = sum(p.numel() for p in model.trainable_parameters())
-    print(f"onenip: {trainable / 1e6:.2f} M trainable parameters, feature_cache={cfg.feature_cache}")
-    return measure("onenip", model, make_batch, device, args.precision, args.batch, args.warmup, args.steps)
+    def epoch(self) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        self.trainer.train_epoch(self.loader)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def gflop_per_image(self) -> float:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with counter:
+            self.trainer.train_epoch([next(iter(self.loader))])
+        return counter.get_total_flops() / self.loader.batch_size / 1e9
+
+    def phase_shares(self) -> dict[str, float]:
+        """One epoch under torch.profiler: the share of its wall time spent in each phase."""
+        from torch.autograd.profiler import record_function
+        from torch.profiler import ProfilerActivity, profile
+
+        ranges: list = []
+        pre = self.model.backbone.register_forward_pre_hook(lambda *_: ranges.append(record_function("agp:backbone").__enter__()))
+        post = self.model.backbone.register_forward_hook(lambda *_: ranges.pop().__exit__(None, None, None))
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        try:
+            with profile(activities=activities) as prof:
+                wall = self.epoch()
+        finally:
+            pre.remove()
+            post.remove()
+        totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("agp:")}
+        backbone = totals.get("agp:backbone", 0.0)
+        seconds = {
+            "data": totals.get("agp:data", 0.0),
+            "backbone": backbone,
+            "method": max(0.0, totals.get("agp:forward", 0.0) - backbone),
+            "backward": totals.get("agp:backward", 0.0),
+            "optimizer": totals.get("agp:optimizer", 0.0),
+        }
+        seconds["other"] = max(0.0, wall - sum(seconds.values()))
+        return {k: v / wall for k, v in seconds.items()}
 
 
-def bench_rlr(args: argparse.Namespace, device: torch.device) -> list[Row]:
-    """RLR at its defaults (tf_efficientnet_b6 strides 8/16 at 256 px, one 4-block
-    reconstruction network per level with widths 256/512, MLKA + LCA, feature jitter)."""
-    from agp_models.rlr import RLR, RLRConfig
-
-    cfg = RLRConfig(backbone=BackboneConfig(name="tf_efficientnet_b6", pretrained="no"), feature_cache=args.feature_cache)
-    return _bench_on_fixed_images("rlr", RLR, cfg, args, device)
-
-
-METHODS: dict[str, Callable[[argparse.Namespace, torch.device], list[Row]]] = {
-    "agpnet": bench_agpnet,
-    "onenip": bench_onenip,
-    "rlr": bench_rlr,
-}
+def bench(method: str, precision: str, root: str, peak: float, args: argparse.Namespace,
+          device: torch.device) -> Row:
+    torch.manual_seed(0)
+    pipeline = Pipeline(method, precision, root, args, device)
+    pipeline.epoch()  # warm-up: feature cache, loader processes, kernels
+    seconds = [pipeline.epoch() for _ in range(args.epochs)]
+    images_per_s = pipeline.images / min(seconds)
+    gflop = pipeline.gflop_per_image()
+    shares = pipeline.phase_shares() if args.profile else {}
+    return Row(method, precision, images_per_s, gflop, peak, shares)
 
 
-def print_table(rows: list[Row], device: torch.device) -> None:
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    memory = "peak alloc MiB" if device.type == "cuda" else "peak RSS MiB"
-    print(f"\ndevice: {where}")
-    header = f"{'method':<8} {'prec':<5} {'phase':<6} {'images/s':>10} {memory:>15} {'backbone share':>15}"
+def make_dataset(tmp: str, size: int, images: int) -> str:
+    from agp_data.generate import generate_dataset
+
+    return generate_dataset(os.path.join(tmp, f"data-{size}"), categories=1, train=images, test=2, size=size, seed=0)
+
+
+def method_image_size(method: str, args: argparse.Namespace) -> int:
+    from agpctl.config import RunConfig
+
+    return args.image_size or RunConfig(method=method).model.image_size
+
+
+def print_table(rows: list[Row], device: torch.device, threads: int) -> None:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {threads} threads"
+    print(f"\ntraining speed on {where} (code: {_code_root()})")
+    header = (f"{'method':<7} {'prec':<5} {'img/s':>7} {'GFLOP/img':>10} {'GFLOP/s':>8} {'peak':>7} {'util':>6}  "
+              + " ".join(f"{p:>9}" for p in PHASES))
     print(header)
     print("-" * len(header))
     for r in rows:
-        share = f"{100 * r.backbone_share:.0f} %" if r.backbone_share is not None else "-"
-        print(
-            f"{r.method:<8} {r.precision:<5} {r.phase:<6} {r.images_per_s:>10.1f} {r.peak_memory_mib:>15.0f} {share:>15}"
-        )
+        shares = " ".join(f"{100 * r.shares[p]:>8.0f}%" if p in r.shares else f"{'-':>9}" for p in PHASES)
+        print(f"{r.method:<7} {r.precision:<5} {r.images_per_s:>7.2f} {r.gflop_per_image:>10.1f} "
+              f"{r.achieved_gflops:>8.1f} {r.peak_gflops:>7.0f} {100 * r.utilisation:>5.0f}%  {shares}")
+
+
+def compare(before: str, argv: list[str]) -> None:
+    """This script on ``before``'s code, then on this checkout's; rows side by side."""
+    import json
+
+    results = {}
+    for label, code in (("before", before), ("after", str(HERE.parents[1]))):
+        out = subprocess.run([sys.executable, str(HERE), *argv, "--code", code, "--json"], capture_output=True,
+                             text=True, check=False)
+        sys.stdout.write(out.stdout.split("JSON:")[0])
+        if out.returncode != 0:
+            sys.exit(f"the run on {code} failed:\n{out.stderr[-3000:]}")
+        results[label] = {(r["method"], r["precision"]): r for r in json.loads(out.stdout.split("JSON:")[1])}
+    print("\nspeed-up (after / before, images/s)")
+    for key, after in results["after"].items():
+        old = results["before"].get(key)
+        if old:
+            print(f"  {key[0]:<7} {key[1]:<5} {old['images_per_s']:>7.2f} -> {after['images_per_s']:>7.2f} "
+                  f"img/s  x{after['images_per_s'] / old['images_per_s']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=[*METHODS, "all"], default="all")
+    parser.add_argument("--method", default="agpnet,onenip,rlr", help="comma-separated methods")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps, >= 1 (fills the cache); GPU 2, CPU 1")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps; GPU 3, CPU 2")
-    parser.add_argument("--precision", type=lambda s: s.split(","), default=["fp32", "bf16"])
-    parser.add_argument("--no-feature-cache", dest="feature_cache", action="store_false")
+    parser.add_argument("--image-size", type=int, default=None, help="default: each method's own")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timed epoch; CPU 2, GPU 20")
+    parser.add_argument("--epochs", type=int, default=1, help="timed epochs (the fastest counts)")
+    parser.add_argument("--loader-workers", type=int, default=1, help="as data.loader_workers (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--before", default=None, help="another checkout: benchmark it first, then this one")
+    parser.add_argument("--code", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.before:
+        rest = [a for i, a in enumerate(argv) if a != "--before" and (i == 0 or argv[i - 1] != "--before")]
+        compare(args.before, rest)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    on_gpu = device.type == "cuda"
-    args.warmup = max(1, args.warmup if args.warmup is not None else (2 if on_gpu else 1))
-    args.steps = args.steps if args.steps is not None else (3 if on_gpu else 2)
-    torch.manual_seed(0)
+    steps = args.steps or (20 if device.type == "cuda" else 2)
+    precisions = args.precision.split(",")
+    peaks = {p: matmul_peak_gflops(device, p) for p in precisions}
     rows: list[Row] = []
-    for name in METHODS if args.method == "all" else [args.method]:
-        rows += METHODS[name](args, device)
-    print_table(rows, device)
+    with tempfile.TemporaryDirectory(prefix="agp-train-speed-") as tmp:
+        for method in args.method.split(","):
+            size = method_image_size(method, args)
+            # twice the images of a timed epoch: the split holds some normals out for validation
+            root = make_dataset(tmp, size, steps * args.batch * 2)
+            for precision in precisions:
+                rows.append(bench(method, precision, root, peaks[precision], args, device))
+                print(f"  {method} {precision}: {rows[-1].images_per_s:.2f} images/s", flush=True)
+    print_table(rows, device, torch.get_num_threads())
+    if args.json:
+        import json
+
+        print("JSON:" + json.dumps([asdict(r) for r in rows]))
 
 
 if __name__ == "__main__":

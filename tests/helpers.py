@@ -40,13 +40,16 @@ def agpctl(*args: str, timeout: int = 400, env: dict[str, str] | None = None,
 TINY_AGPNET = [
     "--method", "agpnet", "--backbone", "resnet18", "--pretrained", "no", "--layers", "1,2", "--image-size", "64",
     "--set", "model.decoder_width=64", "--set", "model.decoder_depth=1", "--set", "model.decoder_heads=2",
-    "--set", "model.score_pool=4", "--loader-workers", "0", "--batch-size", "4",
+    "--set", "model.score_pool=4", "--loader-workers", "0", "--batch-size", "4", "--precision", "fp32",
 ]
 
 # -- tiny configs ---------------------------------------------------------------------------
 # Every method: a random (never downloaded) resnet18 at 64 px; seed 3.
+# fp32: the default precision (auto) is bf16 on CPUs with AMX/AVX512-BF16 only, and the
+# suite must give the same numbers on every machine (test_precision.py covers bf16 and auto).
 TINY_COMMON: dict[str, Any] = {
     "model.backbone.name": "resnet18", "model.backbone.pretrained": "no", "model.image_size": 64, "train.seed": 3,
+    "train.precision": "fp32",
 }
 # Per method: small widths and depths (resnet18 stages: 1 = stride 4, 2 = stride 8, 3 = stride 16).
 TINY_MODEL: dict[str, dict[str, Any]] = {
@@ -77,9 +80,10 @@ def tiny_run_config(method: str, root: str | os.PathLike | None = None, **overri
     MVTec-layout dataset (no loader workers, 2 epochs, batch 4, val_fraction 0.25).
 
     ``overrides`` are dotted config paths, given as ``**{"train.epochs": 1}`` or as
-    ``train__epochs=1``; they are applied last.
+    ``train__epochs=1``; they are applied last, then the recipe (``train.recipe``, default
+    fast) fills epochs, batch size, lr and schedule where still unset, as a run does.
     """
-    from agpctl.config import RunConfig
+    from agpctl.config import RunConfig, resolve_recipe
 
     values: dict[str, Any] = dict(TINY_COMMON)
     values.update(TINY_MODEL.get(method, TINY_MODEL_FALLBACK))
@@ -87,7 +91,7 @@ def tiny_run_config(method: str, root: str | os.PathLike | None = None, **overri
         values.update(TINY_DATA)
         values["data.root"] = os.fspath(root)
     values.update(_dotted(overrides))
-    return RunConfig(method=method).with_overrides(values)
+    return resolve_recipe(RunConfig(method=method).with_overrides(values))
 
 
 def tiny_method_config(method: str, **overrides: Any):

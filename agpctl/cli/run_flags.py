@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from agp_data import storage
-from agpctl.config import RunConfig, parse_value
+from agpctl.config import RunConfig, parse_value, resolve_recipe
 from agpctl.errors import UserError
 
 
@@ -41,6 +41,15 @@ def _ints(text: str) -> list[int]:
         raise UserError(f"expected comma-separated integers like 3,6,9,12, got {text!r}") from None
 
 
+def _gpus(text: str) -> float | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"--gpus-per-worker: expected a number or auto, got {text!r}") from None
+
+
 def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
@@ -59,18 +68,25 @@ RUN_FLAGS: list[tuple[str, str, dict[str, Any], Callable[[Any], Any] | None]] = 
     ("--val-fraction", "data.val_fraction", {"type": float, "help": "normal training images held out for thresholds (default 0.1)"}, None),
     ("--loader-workers", "data.loader_workers", {"type": int, "help": "DataLoader processes per training worker"}, None),
     ("--cache-dir", "data.cache_dir", {"help": "local cache for s3:// images"}, None),
+    ("--decoded-cache-mb", "data.decoded_cache_mb", {"type": int, "help": "decoded training images kept in memory per loader process, MiB (default 2048; 0 = decode every epoch)"}, None),
     ("--texture-root", "data.texture_root", {"help": "DTD-style texture folder for pseudo-anomalies (default: generated textures)"}, None),
     ("--strict-data", "data.strict", {"is_flag": True, "default": None, "help": "stop on mask problems (missing masks of defect images, masks of another size) instead of warning"}, None),
-    ("--epochs", "train.epochs", {"type": int}, None),
-    ("--batch-size", "train.batch_size", {"type": int}, None),
+    ("--tile", "data.tile", {"type": int, "metavar": "SIZE", "help": "large images: cut into SIZE-pixel tiles at native (or --tile-working-size) resolution; eval, predict and export use the same tiling"}, None),
+    ("--tile-overlap", "data.tile_overlap", {"type": float, "metavar": "F", "help": "fraction neighbouring tiles overlap, in [0, 0.9) (default 0.25)"}, None),
+    ("--tile-working-size", "data.tile_working_size", {"type": int, "metavar": "PX", "help": "resize images so the longer side is PX before tiling (default: native resolution)"}, None),
+    ("--recipe", "train.recipe", {"type": click.Choice(["paper", "fast"]), "help": "training recipe of the method: paper (the paper's epochs, batch size, lr schedule) or fast (a short warm-up + cosine schedule; default); --epochs, --batch-size, --lr override it"}, None),
+    ("--epochs", "train.epochs", {"type": int, "help": "default: the recipe's"}, None),
+    ("--batch-size", "train.batch_size", {"type": int, "help": "default: the recipe's"}, None),
     ("--eval-batch-size", "train.eval_batch_size", {"type": int}, None),
-    ("--precision", "train.precision", {"type": click.Choice(["fp32", "bf16"])}, None),
+    ("--precision", "train.precision", {"type": click.Choice(["auto", "fp32", "bf16"]), "help": "auto (default): bf16 where the device runs it natively (CUDA; CPUs with AMX or AVX512-BF16), else fp32"}, None),
     ("--seed", "train.seed", {"type": int}, None),
     ("--checkpoint-every", "train.checkpoint_every", {"type": int, "help": "epochs between checkpoints"}, None),
+    ("--validation", "train.validation", {"type": click.Choice(["none", "synthetic", "test"]), "help": "per-epoch validation: synthetic (default: held-out normal images plus synthesised defects), none, or test (the test split: leaks it)"}, None),
+    ("--validate-every", "train.validate_every", {"type": int, "help": "epochs between validations (the last epoch always validates; default 1)"}, None),
     ("--keep-checkpoints", "train.keep_checkpoints", {"type": int}, None),
     ("--tensorboard", "train.tensorboard", {"is_flag": True, "default": None, "help": "also write TensorBoard event files to <run>/tensorboard/ (pip install 'agp[tensorboard]' to view them)"}, None),
     ("--mlflow", "train.mlflow", {"metavar": "URI", "help": "also log params, per-epoch metrics and the test table to this MLflow tracking server"}, None),
-    ("--lr", "model.lr", {"type": float, "help": "learning rate (default: the method's)"}, None),
+    ("--lr", "model.lr", {"type": float, "help": "learning rate (default: the recipe's, scaled with the batch size where the method's authors scale it)"}, None),
     ("--image-size", "model.image_size", {"type": int}, None),
     ("--layers", "model.layers", {"help": "ViT blocks (1-indexed) or CNN stages, e.g. 3,6,9,12"}, _ints),
     ("--backbone", "model.backbone.name", {"help": "any timm model name"}, None),
@@ -80,10 +96,11 @@ RUN_FLAGS: list[tuple[str, str, dict[str, Any], Callable[[Any], Any] | None]] = 
     ("--mean", "model.backbone.mean", {"help": "normalisation mean, e.g. 0.5,0.5,0.5"}, _floats),
     ("--std", "model.backbone.std", {"help": "normalisation std"}, _floats),
     ("--workers", "cluster.workers", {"type": int, "help": "Ray Train workers (DDP)"}, None),
-    ("--gpus-per-worker", "cluster.gpus_per_worker", {"type": float}, None),
+    ("--gpus-per-worker", "cluster.gpus_per_worker", {"help": "GPUs per training worker, or auto (default): 1 when the Ray cluster has GPUs, else 0"}, _gpus),
     ("--cpus-per-worker", "cluster.cpus_per_worker", {"type": float, "help": "CPUs reserved per worker, also its torch threads (default: the embedded Ray's CPUs shared by the workers; 1 on a remote cluster)"}, None),
     ("--max-failures", "cluster.max_failures", {"type": int, "help": "worker failures to recover from (restart from the last checkpoint)"}, None),
     ("--address", "cluster.address", {"help": "ray://host:10001 or http://host:8265 (default: embedded local Ray)"}, None),
+    ("--dashboard", "cluster.dashboard", {"is_flag": True, "default": None, "help": "start the embedded Ray's dashboard (off by default: it slows start-up); its address is printed"}, None),
     ("--out", "storage.out", {"help": "where runs are written: folder or s3://bucket/prefix (default runs)"}, None),
     ("--name", "storage.name", {"help": "run name (default <method>-<dataset>-<time>)"}, None),
     ("--s3-endpoint", "storage.s3_endpoint", {"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}, None),
@@ -105,7 +122,7 @@ def run_options(func):
 
 
 def config_from_options(options: dict[str, Any]) -> RunConfig:
-    """defaults < --config YAML < --set < explicit flags."""
+    """defaults < --config YAML < --set < explicit flags, then the recipe fills what is left unset."""
     path = options.get("config_path")
     if path:
         storage.configure_s3(options.get("s3_endpoint"))  # --config may itself be on that endpoint
@@ -129,4 +146,4 @@ def config_from_options(options: dict[str, Any]) -> RunConfig:
         overrides[config_path] = convert(value) if convert else value
     if overrides:
         cfg = cfg.with_overrides(overrides)
-    return cfg
+    return resolve_recipe(cfg)

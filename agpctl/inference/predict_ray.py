@@ -17,6 +17,7 @@ from agp_data import storage
 from agpctl import runs
 from agpctl.cluster.connect import address_kind, local_cpu_share, ray_session, use_assigned_cpus
 from agpctl.cluster.events import drain, make_channel, send
+from agpctl.config import auto_gpus_per_worker
 from agpctl.errors import UserError, remote_error_line
 from agpctl.inference.categories import check_category
 from agpctl.inference.detector import Detector
@@ -102,7 +103,7 @@ def run_predict_on_ray(source: str, run_uri: str, out: str, *, address: str | No
     parts = shards(inputs, workers)
     with ray_session(address) as ray:
         resources = ray.cluster_resources()
-        gpus = gpus_per_worker if gpus_per_worker is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+        gpus = gpus_per_worker if gpus_per_worker is not None else auto_gpus_per_worker(resources.get("GPU", 0))
         cpus = 1.0 if remote else local_cpu_share(resources.get("CPU", 1), len(parts))
         channel = make_channel()
         task = ray.remote(predict_shard).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)

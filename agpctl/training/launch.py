@@ -14,7 +14,7 @@ from agpctl import runs
 from agpctl.cluster.connect import Terminated, address_kind, ray_session
 from agpctl.cluster.events import make_channel
 from agpctl.cluster.trainer import make_torch_trainer, resolve_cpus_per_worker, worker_resources
-from agpctl.config import RunConfig
+from agpctl.config import RunConfig, requested_gpus
 from agpctl.errors import Interrupted, UserError, remote_error
 from agpctl.paths import absolute
 from agpctl.training.preflight import check_config, check_data_and_model
@@ -51,7 +51,7 @@ def launch_training(cfg: RunConfig, *, resume: str | None = None, console=None, 
     categories: list[str | None] = list(splits.categories) if cfg.data.per_category else [None]
     tables: dict[str, Any] = {}
     try:
-        with ray_session(cfg.cluster.address):
+        with ray_session(cfg.cluster.address, dashboard=cfg.cluster.dashboard):
             for category in categories:
                 sub_cfg, sub_uri = cfg, run_uri
                 if category is not None:
@@ -97,8 +97,9 @@ def check_fits_this_machine(cfg: RunConfig) -> None:
         raise UserError(f"{workers} worker(s) × {per_worker:g} CPU(s) need {workers * per_worker:g} CPUs, this "
                         f"machine has {cpus}; lower --workers or --cpus-per-worker, or use a cluster (--address)")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if workers * cfg.cluster.gpus_per_worker > gpus:
-        raise UserError(f"{workers} worker(s) × {cfg.cluster.gpus_per_worker:g} GPU(s) need more GPUs than this "
+    per_worker_gpus = requested_gpus(cfg.cluster, gpus)
+    if workers * per_worker_gpus > gpus:
+        raise UserError(f"{workers} worker(s) × {per_worker_gpus:g} GPU(s) need more GPUs than this "
                         f"machine's {gpus}; lower --workers or --gpus-per-worker, or use a cluster (--address)")
 
 
@@ -124,6 +125,8 @@ def check_fits_cluster(cfg: RunConfig, resources, view: ProgressView | None = No
 
 
 def _shortfall(cfg: RunConfig, totals: dict[str, float]) -> str | None:
+    if cfg.cluster.gpus_per_worker == "auto":
+        cfg = cfg.with_overrides({"cluster.gpus_per_worker": requested_gpus(cfg.cluster, totals.get("GPU", 0.0))})
     for name, amount in worker_resources(cfg).items():
         total = float(totals.get(name, 0.0))
         if cfg.cluster.workers * amount > total:
@@ -140,6 +143,9 @@ def fit_one(cfg: RunConfig, run_uri: str, view: ProgressView, resumed: bool) -> 
     if cfg.cluster.cpus_per_worker is None:  # auto, resolved against the live cluster; the saved config stays auto
         cpus = resolve_cpus_per_worker(cfg, ray.cluster_resources().get("CPU", 1.0))
         cfg = cfg.with_overrides({"cluster.cpus_per_worker": cpus})
+    if cfg.cluster.gpus_per_worker == "auto":  # likewise
+        gpus = requested_gpus(cfg.cluster, ray.cluster_resources().get("GPU", 0.0))
+        cfg = cfg.with_overrides({"cluster.gpus_per_worker": gpus})
     remote = address_kind(cfg.cluster.address) != "local"
     check_fits_cluster(cfg, ray.cluster_resources, view, wait_s=CLUSTER_GROWTH_WAIT_S if remote else 0.0)
     channel = make_channel()

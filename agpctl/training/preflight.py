@@ -15,7 +15,7 @@ from agp_data import storage
 from agp_data.integrity import check_masks, verify_images
 from agp_data.splits import SampleSplits, split_samples
 from agpctl.cluster.connect import address_kind
-from agpctl.config import RunConfig, check_choices
+from agpctl.config import RunConfig, check_choices, resolve_recipe
 from agpctl.errors import UserError
 from agpctl.models import resolve_pretrained
 from agpctl.paths import absolute
@@ -34,6 +34,7 @@ VALUE_RULES: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("train.batch_size", "--batch-size", lambda v: v >= 1, "at least 1"),
     ("train.eval_batch_size", "--eval-batch-size", lambda v: v >= 1, "at least 1"),
     ("train.checkpoint_every", "--checkpoint-every", lambda v: v >= 1, "at least 1"),
+    ("train.validate_every", "--validate-every", lambda v: v >= 1, "at least 1"),
     ("train.keep_checkpoints", "--keep-checkpoints", lambda v: v >= 1, "at least 1"),
     ("train.seed", "--seed", lambda v: v >= 0, "0 or more"),
     ("train.threshold_quantile", "train.threshold_quantile", lambda v: 0 < v < 1, "between 0 and 1"),
@@ -48,7 +49,7 @@ VALUE_RULES: list[tuple[str, str, Callable[[Any], bool], str]] = [
     ("model.smoothing_sigma", "model.smoothing_sigma", lambda v: v >= 0, "0 (off) or more"),
     ("model.score_pool", "model.score_pool", lambda v: v >= 0, "0 (plain max) or more"),
     ("cluster.workers", "--workers", lambda v: v >= 1, "at least 1"),
-    ("cluster.gpus_per_worker", "--gpus-per-worker", lambda v: v >= 0, "0 or more"),
+    ("cluster.gpus_per_worker", "--gpus-per-worker", lambda v: v == "auto" or v >= 0, "auto, 0 or more"),
     ("cluster.cpus_per_worker", "--cpus-per-worker", lambda v: v is None or v > 0, "above 0"),
     ("cluster.max_failures", "--max-failures", lambda v: v >= 0, "0 or more"),
 ]
@@ -58,6 +59,7 @@ def check_config(cfg: RunConfig) -> None:
     """Every configuration value a run needs is usable, and every local path is absolute
     (Ray workers run in their own directories: relative paths must not reach them)."""
     storage.configure_s3(cfg.storage.s3_endpoint)
+    resolve_recipe(cfg)  # epochs, batch size, lr and schedule left unset: the method's recipe
     check_values(cfg)
     check_tracking(cfg)
     absolute_local_paths(cfg)
@@ -79,8 +81,10 @@ def check_values(cfg: RunConfig) -> None:
                         "(a run name is one folder below --out)")
     address_kind(cfg.cluster.address)  # an address of no known form fails here
     if cfg.train.validation == "synthetic" and cfg.data.val_fraction <= 0 and not cfg.data.shots:
-        raise UserError("train.validation synthetic needs held-out normal images; set --val-fraction above 0")
-    if cfg.cluster.gpus_per_worker > 0 and cfg.cluster.address is None and not torch.cuda.is_available():
+        raise UserError("train.validation synthetic (the default) needs held-out normal images; set --val-fraction "
+                        "above 0 or pass --validation none")
+    gpus = cfg.cluster.gpus_per_worker
+    if gpus != "auto" and gpus > 0 and cfg.cluster.address is None and not torch.cuda.is_available():
         raise UserError("--gpus-per-worker > 0 but this machine has no CUDA GPU; drop the flag or use --address")
 
 

@@ -16,23 +16,26 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
 
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from agp_data import storage
 from agp_data.anomaly_synthesis import SynthesisConfig
 from agp_data.integrity import verify_images
 from agp_data.splits import build_datasets, split_samples
+from agp_data.tiling import Tiling
 from agp_data.training_view import TrainingView
 from agp_data.validation import SyntheticValidationSet
 from agpctl import checkpoint as ckpt
 from agpctl import runs
 from agpctl.cluster.connect import use_assigned_cpus
-from agpctl.config import RunConfig
+from agpctl.config import RunConfig, resolve_recipe
 from agpctl.distributed import WorkerContext
 from agpctl.errors import UserError
 from agpctl.inference.categories import PAYLOAD_KEY, CategoryPrototypes, category_prototypes
 from agpctl.inference.scoring import calibrate_thresholds, predict_dataset
-from agpctl.models import backbone_summary, build_model, loader_generator, move_batch, seed_everything
+from agpctl.models import (backbone_summary, build_model, device_name, loader_generator, move_batch, resolve_precision,
+                           seed_everything)
 from agpctl.training.preflight import all_samples
 from agpctl.training.progress import ProgressSender
 from agpctl.training.sharding import ShardedBatchSampler
@@ -114,7 +117,7 @@ class RunSpec:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "RunSpec":
-        cfg = RunConfig.from_dict(config["run"])
+        cfg = resolve_recipe(RunConfig.from_dict(config["run"]))  # a no-op for configs the driver resolved
         storage.configure_s3(cfg.storage.s3_endpoint)
         return cls(cfg=cfg, run_uri=config["run_uri"])
 
@@ -168,7 +171,8 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
     categories = category_state(model, base_train_set, cfg, ctx, resume_payload)
     epochs = cfg.train.epochs
     progress.start(epochs=epochs, steps_per_epoch=len(loader), start_epoch=trainer.state.epoch,
-                   backbone=backbone_summary(model), train_images=len(base_train_set))
+                   backbone=backbone_summary(model), train_images=len(base_train_set),
+                   device=device_name(ctx.device), precision=resolve_precision(cfg.train.precision, ctx.device))
     tracking = (start_tracking(cfg, run.run_uri, start_epoch=trainer.state.epoch, resumed=resume_payload is not None,
                                warn=progress.warning) if ctx.is_main else Tracking())
     while trainer.state.epoch < epochs:
@@ -182,22 +186,25 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         seconds = time.perf_counter() - started
         done = trainer.state.epoch
         save = done == epochs or done % max(1, cfg.train.checkpoint_every) == 0
+        validate_now = validation_set is not None and (done == epochs or done % max(1, cfg.train.validate_every) == 0)
         payload = None
-        if save or validation_set is not None:  # validation predicts with the fitted inference state
+        if save or validate_now:  # validation predicts with the fitted inference state
             thresholds = finalise_inference_state(model, base_train_set, val_set, cfg, ctx, progress)
+        if validate_now:  # before the checkpoint: its RNG state must include what validation drew
+            last_validation, validated = validate(model, validation_set, cfg, ctx), True
         if save:
             payload = trainer.checkpoint_payload({"thresholds": thresholds, "backbone": backbone_summary(model),
                                                   **({PAYLOAD_KEY: categories.to_payload()} if categories else {})})
         metrics = {"epoch": done, "seconds": seconds, **{f"train/{k}": v for k, v in losses.items()}}
-        if validation_set is not None:
-            last_validation, validated = validate(model, validation_set, cfg, ctx), True
-            metrics.update(last_validation)
+        # Between validations the last one travels on: a sweep's scheduler needs its metric in every report.
+        metrics.update(last_validation)
         if ctx.is_main:  # before the checkpoint is reported: a rerun of this epoch replaces its line
             record = history_record(done, losses, trainer, len(train_set), seconds,
-                                    last_validation if validation_set is not None else None)
+                                    last_validation if validate_now else None)
             runs.append_history(run.run_uri, record)
             tracking.epoch(record)
-        progress.epoch_end(done, losses, seconds, saved=save)
+        progress.epoch_end(done, losses, seconds, saved=save, validation=last_validation if validate_now else None,
+                           lr=current_lr(trainer))
         report(metrics, payload, done)
 
     if validation_set is not None and not validated:  # resumed after the last epoch: no epoch ran here
@@ -205,7 +212,8 @@ def train_on_worker(run: RunSpec, ctx: WorkerContext, wrap, report, progress: Pr
         last_validation = validate(model, validation_set, cfg, ctx)
     progress.phase("evaluating on the test split")
     predictions = predict_dataset(model, test_set, ctx, cfg.train.eval_batch_size, cfg.train.precision,
-                                  on_batch=progress.eval_step, loader_workers=cfg.data.loader_workers)
+                                  on_batch=progress.eval_step, loader_workers=cfg.data.loader_workers,
+                                  tiling=Tiling.from_config(cfg.data))
     if not ctx.is_main:
         report({"epoch": epochs, "final": 1, **last_validation}, None, None)
         return None
@@ -238,13 +246,12 @@ def history_record(epoch: int, losses: dict[str, float], trainer: Trainer, image
                    validation: dict[str, float] | None) -> dict[str, Any]:
     """One epoch's line of the run's history.jsonl (the format is in :mod:`agpctl.runs`);
     ``images`` are the epoch's training images of all workers, ``validation`` the
-    :func:`validate` metrics when the run validates."""
-    first_optimizer = trainer.optimizers[0][0]
+    :func:`validate` metrics when this epoch validated (``train.validate_every``)."""
     record: dict[str, Any] = {
         "epoch": epoch,
         "loss": losses["loss"],
         "losses": dict(losses),
-        "lr": float(first_optimizer.param_groups[0]["lr"]),
+        "lr": current_lr(trainer),
         "images_per_s": images / seconds if seconds > 0 else 0.0,
         "seconds": seconds,
     }
@@ -254,10 +261,23 @@ def history_record(epoch: int, losses: dict[str, float], trainer: Trainer, image
     return record
 
 
+def current_lr(trainer: Trainer) -> float:
+    """The lr the epoch's last step used (first optimiser). The scheduler has already moved
+    on to the next step's, which a cosine schedule brings to 0 after the last epoch."""
+    optimizer, scheduler = trainer.optimizers[0]
+    group = optimizer.param_groups[0]
+    if not isinstance(scheduler, LambdaLR) or trainer.state.step == 0:
+        return float(group["lr"])
+    return float(group["initial_lr"] * scheduler.lr_lambdas[0](trainer.state.step - 1))
+
+
 def build_validation_set(cfg: RunConfig, val_set, test_set):
-    """The per-epoch validation dataset of ``cfg.train.validation``, or None."""
+    """The per-epoch validation dataset of ``cfg.train.validation``, or None (also for
+    ``synthetic`` without held-out normal images, e.g. a few-shot run that holds none out)."""
     mode = cfg.train.validation
     if mode == "none":
+        return None
+    if mode == "synthetic" and (val_set is None or len(val_set) == 0):
         return None
     if mode == "test":
         return test_set
@@ -269,7 +289,7 @@ def validate(model, dataset, cfg: RunConfig, ctx: WorkerContext) -> dict[str, fl
     """val/i_auroc, val/p_auroc, val/pro and val/objective (their mean, NaN skipped) on
     rank 0; the other ranks return {} (only rank 0's metrics reach Ray)."""
     predictions = predict_dataset(model, dataset, ctx, cfg.train.eval_batch_size, cfg.train.precision,
-                                  loader_workers=cfg.data.loader_workers)
+                                  loader_workers=cfg.data.loader_workers, tiling=Tiling.from_config(cfg.data))
     model.train()
     if predictions is None:
         return {}
@@ -290,7 +310,8 @@ def finalise_inference_state(model, train_set, val_set, cfg: RunConfig, ctx: Wor
     val = None
     if val_set is not None:
         val = predict_dataset(model, val_set, WorkerContext(device=ctx.device), cfg.train.eval_batch_size,
-                              cfg.train.precision, loader_workers=cfg.data.loader_workers)
+                              cfg.train.precision, loader_workers=cfg.data.loader_workers,
+                              tiling=Tiling.from_config(cfg.data))
     model.train()
     thresholds = calibrate_thresholds(val, cfg.train.threshold_quantile)
     for line in thresholds["warnings"]:  # the driver prints each distinct line once

@@ -280,3 +280,45 @@ def test_s3_dataset_item_uses_the_cache(tmp_path, s3_bucket):
     )
     assert remote_item["path"] == remote[1].image
     assert sum(len(files) for _, _, files in os.walk(cache)) == 2  # image and mask
+
+
+def _write_samples(tmp_path, count: int, size: int = 24) -> list[Sample]:
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(count):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        mask = tmp_path / f"img{i}_mask.png"
+        Image.fromarray((rng.random((size, size)) > 0.5).astype(np.uint8) * 255).save(mask)
+        samples.append(Sample(image=str(path), mask=str(mask), label=1, category="c", defect="scratch", split="test"))
+    return samples
+
+
+def test_decoded_images_are_read_once_while_the_budget_lasts(tmp_path):
+    samples = _write_samples(tmp_path, 3)
+    cached = AnomalyDataset(samples, image_size=16, mean=[0.5] * 3, std=[0.25] * 3, decoded_cache_mb=1)
+    uncached = AnomalyDataset(samples, image_size=16, mean=[0.5] * 3, std=[0.25] * 3)
+    first = [cached[i] for i in range(3)]
+    for i in range(3):  # the cache gives exactly what decoding gives
+        assert torch.equal(first[i]["image"], uncached[i]["image"])
+        assert torch.equal(first[i]["mask"], uncached[i]["mask"])
+    for sample in samples:  # later epochs never touch the files again
+        os.remove(sample.image)
+        os.remove(sample.mask)
+    assert all(torch.equal(cached[i]["image"], first[i]["image"]) for i in range(3))
+    assert all(torch.equal(cached[i]["mask"], first[i]["mask"]) for i in range(3))
+    with pytest.raises(DataError):
+        uncached[0]
+
+
+def test_decoded_cache_stops_at_its_budget(tmp_path):
+    samples = _write_samples(tmp_path, 3)
+    one_image = 16 * 16 * 3 + 16 * 16  # its pixels and its mask
+    dataset = AnomalyDataset(samples, image_size=16, mean=[0.5] * 3, std=[0.25] * 3,
+                             decoded_cache_mb=(one_image + 10) / 2**20)
+    for i in range(3):
+        dataset[i]
+    assert list(dataset._decoded) == [0] and list(dataset._decoded_masks) == [0]
+    os.remove(samples[2].image)
+    with pytest.raises(DataError):  # past the budget: read from disk as before
+        dataset[2]
