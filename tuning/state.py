@@ -16,7 +16,7 @@ Sweep directory ``<out>/<name>/`` (local or s3://)::
     trials/<id>.error     the last line of a trial's exception, written by the trial; read
                           into the record only when Tune reports that the trial failed
     early_stopped.json    the ids ASHA stopped (tuning.schedulers)
-    runs/<id>/            each trial's complete Ray Train run (agpctl.runs; metrics.json
+    runs/<id>/            each trial's complete training run (agpctl.runs; metrics.json
                           marks it finished)
     tune/<attempt>/       Ray Tune's own files of each run of the sweep (tuner.pkl,
                           experiment_state-*.json, trial folders): written, never read

@@ -1,17 +1,11 @@
-"""``agpctl tune``: a Ray Tune sweep whose every trial is a full Ray Train run — the trial
-function and the driver.
+"""``agpctl tune``: a Ray Tune sweep whose every trial is a full training run — the driver.
 
-Shape (the Ray Train V2 + Tune pattern): each Tune trial is a *function trainable* that
-builds the trial's RunConfig (the sweep's fixed config + the trial's planned values) and runs
-the same ``TorchTrainer(worker_loop)`` that ``agpctl train`` runs, with a
-``TuneReportCallback`` forwarding every per-epoch report to Tune. The workers evaluate the
+Each Tune trial is a *function trainable* (tuning.trial) that builds the trial's RunConfig
+(the sweep's fixed config + the trial's planned values) and runs it: a one-worker trial runs
+the training loop itself, a multi-worker trial the same ``TorchTrainer(worker_loop)`` that
+``agpctl train`` runs; tuning.trial says why and what each reserves. The run evaluates the
 objective after every epoch (``train.validation``: held-out normals + pseudo anomalies by
 default), so ASHA can stop weak trials early.
-
-Resources: the trial function only waits on its TorchTrainer, so it reserves no CPU (1 MiB
-of Ray's logical memory keeps its placement bundle non-empty) and the Train controller
-reserves none either (Ray's default in Train V2): the CPUs go to the Train workers, which is
-what lets trials follow one another on a 2-CPU machine without deadlock.
 
 The sweep directory, the planned trials and why ``--resume`` reads only agp's JSON (never
 Tune's pickles): tuning.state. The results files: tuning.results. The live table and the
@@ -23,22 +17,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import time
 from datetime import datetime
 from typing import Any
 
 from agp_data import storage
 from agp_models.backbones import BackboneError, check_layer_sets
-from agpctl import runs
-from agpctl.cluster.connect import address_kind, ray_session, use_token_if_available
-from agpctl.cluster.trainer import make_torch_trainer, resolve_cpus_per_worker, storage_location
-from agpctl.config import RunConfig
+from agpctl.cluster.connect import (address_kind, announce_dashboard, embedded_ray_options, ray_session,
+                                    use_token_if_available)
+from agpctl.cluster.trainer import resolve_cpus_per_worker, storage_location
+from agpctl.config import RunConfig, requested_gpus
 from agpctl.errors import UserError
 from agpctl.training.preflight import check_config, check_data_and_model
-from agpctl.training.worker import worker_loop
 from tuning.results import SweepOutcome, collect_trials, summarise
-from tuning.space import SearchSpace, parse_space
+from tuning.space import SearchSpace
 from tuning.state import (
     METRIC,
     RUNS_DIR,
@@ -47,7 +39,6 @@ from tuning.state import (
     TUNE_DIR,
     SweepSettings,
     TrialRecorder,
-    error_line,
     finished_runs,
     load_sweep_state,
     new_record,
@@ -55,59 +46,19 @@ from tuning.state import (
     read_early_stopped,
     read_trial_records,
     sweep_state_json,
-    trial_error_uri,
     trials_to_run,
     validate_settings,
 )
+from tuning.trial import run_trial, trains_in_trial, trial_config, trial_resources
 from tuning.view import SweepView, sweep_callback
 
-# SweepSettings and SweepOutcome are the callers' (agpctl.cli.tune) view of a sweep: they
-# stay importable from here.
+# SweepSettings and SweepOutcome are the callers' (agpctl.cli.tune) view of a sweep, and the
+# trial function and config (tuning.trial) were defined here: they stay importable from here.
 __all__ = ["SweepOutcome", "SweepSettings", "run_sweep", "run_trial", "trial_config"]
 
 VALIDATION_FOR_OBJECTIVE = {"synthetic-val": "synthetic", "test": "test"}
 TEST_OBJECTIVE_WARNING = ("--objective test selects hyper-parameters on the test split: the reported "
                           "test metrics of the best trial are optimistic, not an unbiased estimate")
-TRIAL_MEMORY_BYTES = 1 << 20  # the trial function's only reservation (see module docstring)
-
-
-# ---------------------------------------------------------------------------------------
-# the trial (runs inside a Tune actor)
-# ---------------------------------------------------------------------------------------
-def trial_config(base: dict[str, Any], space: SearchSpace, sampled: dict[str, Any], runs_uri: str,
-                 trial_id: str) -> RunConfig:
-    cfg = RunConfig.from_dict(base, "sweep").with_overrides(space.overrides(sampled))
-    cfg.storage.out, cfg.storage.name = runs_uri, trial_id
-    return cfg
-
-
-def run_trial(config: dict[str, Any], base: dict[str, Any], space_raw: dict[str, Any], method: str,
-              sweep_uri: str, points: dict[str, dict[str, Any]]) -> None:
-    """Tune function trainable: one full Ray Train run of the planned trial ``config[TRIAL_KEY]``
-    in ``runs/<trial id>/``."""
-    from ray.tune.integration.ray_train import TuneReportCallback  # deferred: see agpctl.cluster
-
-    storage.configure_s3(base.get("storage", {}).get("s3_endpoint"))
-    space = parse_space(space_raw, method, "sweep space")
-    trial_id = config[TRIAL_KEY]
-    runs_uri = storage.join(sweep_uri, RUNS_DIR)
-    error_uri = trial_error_uri(sweep_uri, trial_id)
-    storage.delete(error_uri)  # an earlier attempt's
-    try:
-        cfg = trial_config(base, space, points[trial_id], runs_uri, trial_id)
-        run_uri = storage.join(runs_uri, trial_id)
-        if not runs.has_run_config(run_uri):
-            runs.write_run_config(run_uri, cfg)
-        # A trial run again by --resume finds its run's latest checkpoint itself (the worker
-        # loop reads the run directory).
-        trainer = make_torch_trainer(worker_loop, {"run": cfg.to_dict(), "run_uri": run_uri}, cfg, name=trial_id,
-                                     storage_out=runs_uri, callbacks=[TuneReportCallback()])
-        trainer.fit()
-    except Exception as exc:
-        # The driver records this line (Tune's own error files are never read).
-        with contextlib.suppress(Exception):
-            storage.write_text(error_uri, error_line(exc) + "\n")
-        raise
 
 
 # ---------------------------------------------------------------------------------------
@@ -148,8 +99,9 @@ def default_max_concurrent(cfg: RunConfig, resources: dict[str, float]) -> int:
     if cpus <= 4:
         return 1
     fits = cpus // max(1e-9, cfg.cluster.workers * (cfg.cluster.cpus_per_worker or 1.0))
-    if cfg.cluster.gpus_per_worker > 0:
-        fits = min(fits, float(resources.get("GPU", 0.0)) // (cfg.cluster.workers * cfg.cluster.gpus_per_worker))
+    gpus = requested_gpus(cfg.cluster, float(resources.get("GPU", 0.0)))
+    if gpus > 0:
+        fits = min(fits, float(resources.get("GPU", 0.0)) // (cfg.cluster.workers * gpus))
     return max(1, int(fits))
 
 
@@ -229,16 +181,20 @@ def _run_trials(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, swe
     every trial's progress in agp's records."""
     from ray import tune  # deferred: after the token set-up (see agpctl.cluster)
 
-    with _sweep_ray(cfg.cluster.address), ray_session(cfg.cluster.address) as ray:
+    dashboard = cfg.cluster.dashboard or not trains_in_trial(cfg)
+    with _sweep_ray(cfg.cluster.address, dashboard), ray_session(cfg.cluster.address) as ray:
         max_concurrent = settings.max_concurrent or default_max_concurrent(cfg, ray.cluster_resources())
         trial_base = cfg
         if cfg.cluster.cpus_per_worker is None:  # auto: concurrent trials share the CPUs (best.yaml keeps auto)
             trial_base = cfg.with_overrides({"cluster.cpus_per_worker": resolve_cpus_per_worker(
                 cfg, ray.cluster_resources().get("CPU", 1.0), concurrent_runs=max_concurrent)})
+        if cfg.cluster.gpus_per_worker == "auto":  # likewise: 1 per worker when the cluster has GPUs
+            trial_base = trial_base.with_overrides({"cluster.gpus_per_worker": requested_gpus(
+                cfg.cluster, ray.cluster_resources().get("GPU", 0.0))})
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, base=trial_base.to_dict(), space_raw=space.to_raw(), method=cfg.method,
                                  sweep_uri=sweep_uri, points={t["id"]: t["params"] for t in todo}),
-            {"CPU": 0, "memory": TRIAL_MEMORY_BYTES},
+            trial_resources(trial_base),
         )
         fs, storage_path = storage_location(storage.join(sweep_uri, TUNE_DIR))
         recorder = TrialRecorder(sweep_uri, records, cfg.storage.s3_endpoint)
@@ -250,6 +206,10 @@ def _run_trials(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, swe
                 metric=METRIC, mode="max", num_samples=1,
                 scheduler=_scheduler(settings, cfg.train.epochs, sweep_uri, history),
                 search_alg=_search_alg(max_concurrent),
+                # Trials that train in their own actor hand it on to the next trial: no process
+                # start and no torch / timm import per trial. A trial ASHA stops ends at the
+                # report it is blocked in, so the actor is free for the next one.
+                reuse_actors=trains_in_trial(cfg),
             ),
             run_config=tune.RunConfig(
                 name=_attempt_name(sweep_uri), storage_path=storage_path, storage_filesystem=fs, verbose=0,
@@ -276,29 +236,26 @@ def _attempt_name(sweep_uri: str) -> str:
 
 
 @contextlib.contextmanager
-def _sweep_ray(address: str | None):
-    """An embedded Ray whose state API every process can find.
+def _sweep_ray(address: str | None, dashboard: bool):
+    """The sweep's embedded Ray (remote clusters are left alone), without the signal handling
+    of ``ray_session``: Tune handles Ctrl-C itself.
 
-    ASHA stops trials by ending the trial actor; Ray Train then frees the stopped run's
-    placement group from a detached cleaner actor that asks Ray's state API whether the
-    controller is alive. Without an address that actor looks for "the" local Ray, and on a
-    machine running several Ray instances (shared machines, parallel test runs) it fails
-    and the stopped trial's CPUs are never released. So the embedded instance gets a
-    known dashboard port and every worker is told it. Remote clusters are left alone.
+    ``dashboard`` is needed by multi-worker trials: ASHA stops a trial by ending its actor,
+    and Ray Train then frees the stopped run's placement group from a detached cleaner actor
+    that asks Ray's state API (served by the dashboard) whether the controller is alive;
+    without it the stopped trial's CPUs are never released. ``embedded_ray_options`` gives
+    the dashboard a port of its own and tells every worker. One-worker trials start no
+    worker group, so their sweeps start no dashboard unless asked (``--dashboard``).
     """
     import ray  # deferred: see agpctl.cluster
 
     if address_kind(address) != "local" or ray.is_initialized():
         yield
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     logging.getLogger("ray").setLevel(logging.ERROR)
-    ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _node_ip_address="127.0.0.1", logging_level="WARNING", log_to_driver=False,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    context = ray.init(logging_level="WARNING", log_to_driver=False, **embedded_ray_options(dashboard=dashboard))
+    if dashboard:
+        announce_dashboard(context)
     try:
         yield
     finally:

@@ -28,7 +28,8 @@ from tuning.sweep import SweepSettings, run_sweep
 @click.option("--json", "as_json", is_flag=True, help="print the results as JSON")
 def tune(space_path, samples, scheduler, search, max_concurrent, grace_period, objective, resume_dir, quiet, as_json,
          **options):
-    """Hyper-parameter sweep: every trial is a full `agpctl train` run (Ray Tune + Ray Train).
+    """Hyper-parameter sweep: every trial is a full `agpctl train` run (Ray Tune; a trial with
+    one worker trains inside the trial, with several on a Ray Train worker group).
 
     Every train flag is accepted and fixed for all trials; the search space varies only the
     config fields it names (dotted paths such as model.alpha_max). Writes results.json,

@@ -1,6 +1,10 @@
 """Connecting to Ray: an embedded local instance by default, or a remote cluster.
 
-The embedded instance binds to 127.0.0.1 only and is shut down when the command ends.
+The embedded instance binds to 127.0.0.1 only and is shut down when the command ends. Its
+dashboard starts only when asked (``--dashboard``; Ray then keeps a minimal head process):
+the dashboard's modules, several of them processes of their own, took 1.5 s of every
+command's ``ray.init`` on an idle 2-core machine (benchmarks/startup.py), more under load,
+and nothing of agp's embedded runs needs them.
 Ray's token authentication is left as Ray configures it: the token is read by Ray itself
 from ``RAY_AUTH_TOKEN`` or its standard file and never printed here.
 """
@@ -16,7 +20,10 @@ import threading
 from urllib.parse import urlparse
 
 from agpctl.cluster.runtime_env import client_runtime_env
+from agpctl.console import err_console
 from agpctl.errors import UserError, first_line
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def address_kind(address: str | None) -> str:
@@ -65,12 +72,45 @@ def check_reachable(address: str) -> None:
         with socket.create_connection((host, port), timeout=5):
             pass
     except OSError as exc:
-        raise UserError(f"cannot reach Ray at {address} ({exc.strerror or exc}); check the address and that the cluster is up") from None
+        hint = "check the address and that the cluster is up"
+        if host in LOOPBACK_HOSTS:
+            # the embedded Ray of another agpctl command is not a cluster one can reach later
+            hint += ("; an embedded Ray (a command without --address) lives only while its command runs and "
+                     "serves the dashboard and Jobs API only with --dashboard; for `agpctl jobs` start a "
+                     "cluster with `ray start --head` and pass --address to it")
+        raise UserError(f"cannot reach Ray at {address} ({exc.strerror or exc}); {hint}") from None
+
+
+def free_local_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def embedded_ray_options(num_cpus: int | None = None, dashboard: bool = False,
+                         runtime_env: dict | None = None) -> dict:
+    """``ray.init`` arguments of the embedded local instance.
+
+    With the dashboard, it gets a port of its own and every worker is told it
+    (``RAY_API_SERVER_ADDRESS``): Ray's state API, which Ray Train's placement-group cleaner
+    asks whether a stopped run's controller is alive, otherwise looks for "the" local Ray and
+    fails on a machine running several (shared machines, parallel test runs)."""
+    options: dict = {"num_cpus": num_cpus or os.cpu_count() or 1, "include_dashboard": dashboard,
+                     "_node_ip_address": "127.0.0.1", "runtime_env": runtime_env}
+    if dashboard:
+        port = free_local_port()
+        env = dict(runtime_env or {})
+        env["env_vars"] = {**env.get("env_vars", {}), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        options.update(dashboard_host="127.0.0.1", dashboard_port=port, runtime_env=env)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return options
 
 
 @contextlib.contextmanager
-def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: dict | None = None):
-    """``ray.init`` for the duration of a command; shuts down only what it started."""
+def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: dict | None = None,
+                dashboard: bool = False):
+    """``ray.init`` for the duration of a command; shuts down only what it started.
+    ``dashboard``: the embedded instance starts Ray's dashboard too and prints its address."""
     if address_kind(address) != "local":
         use_token_if_available()  # before Ray reads its configuration
     import ray  # deferred: after the token set-up above (see agpctl.cluster)
@@ -83,13 +123,7 @@ def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: d
         raise UserError(f"{address} is a Ray Jobs address; it is used through job submission, not ray.init")
     kwargs: dict = {"logging_level": "WARNING", "log_to_driver": False, "runtime_env": runtime_env}
     if kind == "local":
-        kwargs.update(
-            num_cpus=num_cpus or os.cpu_count() or 1,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            _node_ip_address="127.0.0.1",
-        )
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        kwargs.update(embedded_ray_options(num_cpus, dashboard, runtime_env))
     else:
         check_reachable(address)
         kwargs["address"] = address
@@ -97,7 +131,7 @@ def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: d
             kwargs["runtime_env"] = client_runtime_env()
     silence_token_announcement()
     try:
-        ray.init(**kwargs)
+        context = ray.init(**kwargs)
     except ConnectionError as exc:
         raise UserError(f"cannot connect to Ray at {address}: {first_line(exc)}") from None
     except RuntimeError as exc:
@@ -107,11 +141,20 @@ def ray_session(address: str | None, num_cpus: int | None = None, runtime_env: d
         if "auth" in message.lower() or "token" in message.lower():
             raise UserError(f"Ray at {address} refused authentication; set RAY_AUTH_TOKEN or ~/.ray/auth_token to the cluster's token") from None
         raise
+    if kind == "local" and dashboard:
+        announce_dashboard(context)
     try:
         with sigterm_as_interrupt():
             yield ray
     finally:
         ray.shutdown()
+
+
+def announce_dashboard(context) -> None:
+    """The embedded dashboard's address, on stderr (stdout may be --json)."""
+    url = getattr(context, "dashboard_url", None)
+    if url:
+        err_console.print(f"Ray dashboard: http://{url} (while this command runs)", highlight=False)
 
 
 class _AnnouncementFilter(logging.Filter):

@@ -1,4 +1,5 @@
-"""The one place a Ray Train ``TorchTrainer`` is built, for `agpctl train` and for sweep trials."""
+"""The one place a Ray Train ``TorchTrainer`` is built, for `agpctl train` and for sweep trials
+with several workers (a one-worker trial trains inside its Tune trial: tuning.trial)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def resolve_cpus_per_worker(cfg: RunConfig, cluster_cpus: float, concurrent_runs
 def worker_resources(cfg: RunConfig) -> dict[str, float]:
     if cfg.cluster.cpus_per_worker is None:
         raise ValueError("cluster.cpus_per_worker is auto: resolve it with resolve_cpus_per_worker() first")
+    if cfg.cluster.gpus_per_worker == "auto":
+        raise ValueError("cluster.gpus_per_worker is auto: resolve it with agpctl.config.requested_gpus() first")
     resources = {"CPU": cfg.cluster.cpus_per_worker}
     if cfg.cluster.gpus_per_worker > 0:
         resources["GPU"] = cfg.cluster.gpus_per_worker

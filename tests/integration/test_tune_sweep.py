@@ -129,3 +129,19 @@ def test_rlr_sweep_writes_everything_to_s3(s3_server, s3_bucket, generated_datas
     best = RunConfig.from_yaml(boto3.client("s3").get_object(Bucket=s3_bucket, Key="sweeps/rlr/best.yaml")["Body"]
                                .read().decode())
     assert best.method == "rlr" and best.model.widths == [32, 32]
+
+
+def test_a_multi_worker_trial_trains_on_a_worker_group(generated_dataset, tmp_path):
+    """One-worker trials train inside the trial; a trial with several workers still runs a
+    Ray Train worker group (DDP), reporting through Tune the same way."""
+    space = tmp_path / "space.yaml"
+    space.write_text("model.alpha_max: {type: choice, values: [1.0]}\n")
+    proc = agpctl("tune", "--dataset", "mvtec", "--root", generated_dataset, "--epochs", "1", "--samples", "1",
+                  "--scheduler", "fifo", "--workers", "2", "--space", str(space), "--out", str(tmp_path),
+                  "--name", "ddp", "--json", *TINY_AGPNET)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [trial] = json.loads(proc.stdout)["trials"]
+    assert trial["status"] == "finished" and trial["objective"] is not None
+    run = tmp_path / "ddp" / "runs" / trial["trial"]
+    assert (run / "checkpoint_epoch-0001").exists() and (run / "metrics.json").exists()
+    assert json.loads((run / "summary.json").read_text())["workers"] == 2
