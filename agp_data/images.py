@@ -17,6 +17,8 @@ from agp_data import storage
 from agp_data.errors import DataError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# PIL decoders of those extensions, the only ones tried: others (EPS runs Ghostscript) never see a file.
+IMAGE_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _UNREADABLE_FIX = "replace or delete the file"
@@ -35,7 +37,7 @@ def _open(path_or_uri: str, what: str, cache_dir: str | None = None) -> Image.Im
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": we still get pixels
-            image = Image.open(path)
+            image = Image.open(path, formats=IMAGE_FORMATS)
             image.load()
             # Rotate to the orientation the camera recorded; a broken EXIF block is ignored.
             try:

@@ -11,7 +11,7 @@ import click
 from agpctl import __version__
 from agpctl.console import print_error
 from agpctl.console import print_warning
-from agpctl.errors import Interrupted, user_error_types
+from agpctl.errors import Interrupted, UserError, first_line, user_error_types
 
 
 # Sub-commands are imported only when used, so `agpctl data ...` does not load torch.
@@ -28,6 +28,27 @@ LAZY_COMMANDS = {
 }
 
 
+OWN_PACKAGES = ("agpctl", "agp_data", "agp_models", "tuning")
+PACKAGE_NAMES = {"torch": "PyTorch", "torchvision": "PyTorch", "timm": "timm", "ray": "Ray"}
+
+
+def unavailable_command(name: str, error: ImportError) -> click.Command:
+    """Stands in for command ``name`` whose module cannot be imported (a package agp needs is
+    not installed): listed by --help with what it needs; run, one line and exit code 2."""
+    missing = (error.name or "").split(".")[0] if isinstance(error, ModuleNotFoundError) else ""
+    if missing:
+        needs = f"needs {PACKAGE_NAMES.get(missing, missing)}: pip install agp (with its dependencies)"
+    else:
+        needs = f"cannot be loaded ({first_line(error)}): pip install agp (with its dependencies)"
+
+    def refuse(args: tuple[str, ...]) -> None:
+        raise UserError(f"agpctl {name} {needs}")
+
+    return click.Command(name, callback=refuse, help=needs, short_help=needs,
+                         params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)],
+                         context_settings={"ignore_unknown_options": True})
+
+
 class AgpGroup(click.Group):
     """Turns user mistakes anywhere below into one clear line and exit code 2."""
 
@@ -37,7 +58,15 @@ class AgpGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str):
         if name in LAZY_COMMANDS and name not in self.commands:
             module, attr = LAZY_COMMANDS[name].split(":")
-            self.add_command(getattr(importlib.import_module(module), attr), name)
+            try:
+                command = getattr(importlib.import_module(module), attr)
+            except ImportError as exc:
+                # A slim install (e.g. ONNX models without torch) still lists every command and
+                # runs those it can; a missing part of agp itself is a bug and is raised.
+                if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in OWN_PACKAGES:
+                    raise
+                command = unavailable_command(name, exc)
+            self.add_command(command, name)
         return super().get_command(ctx, name)
 
     def invoke(self, ctx: click.Context):

@@ -34,7 +34,8 @@ LIMITS = ServeLimits()
 @click.option("--replicas", type=int, help="a fixed number of replicas (default 1)")
 @click.option("--min-replicas", type=int, help="autoscaling: fewest replicas (default 1)")
 @click.option("--max-replicas", type=int, help="autoscaling: most replicas")
-@click.option("--gpus-per-replica", type=float, help="GPUs per replica (default: 1 when the cluster has GPUs)")
+@click.option("--gpus-per-replica", type=float,
+              help="GPUs per replica (default: the cluster's GPUs shared by the most replicas, at most 1 each)")
 @click.option("--cpus-per-replica", type=float,
               help="CPUs per replica, also its torch threads (default: the embedded Ray's CPUs shared by the "
                    "replicas; 1 on a cluster)")
@@ -48,12 +49,14 @@ LIMITS = ServeLimits()
               help="largest request body accepted (larger: 413)")
 @click.option("--max-image-pixels", type=int, default=LIMITS.max_image_pixels, show_default=True,
               help="most pixels (width x height) of one image (more: 413; stops decompression bombs)")
+@click.option("--max-request-pixels", type=int, default=LIMITS.max_request_pixels, show_default=True,
+              help="most pixels of all images of one request together (more: 413)")
 @click.option("--max-images-per-request", type=int, default=LIMITS.max_images, show_default=True,
               help="most images in one multipart request")
 @click.option("--s3-endpoint", help="S3-compatible endpoint URL (else AWS_ENDPOINT_URL)")
 def serve(run_uri, category, threshold, pixel_threshold, address, host, port, replicas, min_replicas, max_replicas,
           gpus_per_replica, cpus_per_replica, max_batch_size, batch_wait_ms, max_image_bytes, max_request_bytes,
-          max_image_pixels, max_images_per_request, s3_endpoint):
+          max_image_pixels, max_request_pixels, max_images_per_request, s3_endpoint):
     """Serve a trained run over HTTP until Ctrl-C (or SIGTERM).
 
     POST /predict with an image (raw bytes) or several (multipart/form-data) answers one JSON
@@ -68,7 +71,8 @@ def serve(run_uri, category, threshold, pixel_threshold, address, host, port, re
         gpus_per_replica=gpus_per_replica, cpus_per_replica=cpus_per_replica, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, s3_endpoint=s3_endpoint,
         limits=ServeLimits(max_image_bytes=max_image_bytes, max_request_bytes=max_request_bytes,
-                           max_image_pixels=max_image_pixels, max_images=max_images_per_request),
+                           max_image_pixels=max_image_pixels, max_request_pixels=max_request_pixels,
+                           max_images=max_images_per_request),
     )
     if address_kind(address) == "jobs":
         config.check()
@@ -91,7 +95,8 @@ def _print_ready(url: str, info: dict[str, Any]) -> None:
     console.print(f"{count} replica(s), each {replicas['cpus_each']:g} CPUs and {replicas['gpus_each']:g} GPUs; "
                   f"batches of up to {batching['max_batch_size']} images ({batching['batch_wait_ms']:g} ms wait); "
                   f"limits: {limits['max_image_bytes'] / MB:g} MB and {limits['max_image_pixels'] / 1e6:g} MP per "
-                  f"image, {limits['max_images']} images and {limits['max_request_bytes'] / MB:g} MB per request")
+                  f"image, {limits['max_images']} images, {limits['max_request_bytes'] / MB:g} MB and "
+                  f"{limits['max_request_pixels'] / 1e6:g} MP per request")
     console.print(f"[bold green]ready[/] at [bold]{url}[/]: POST {url}/predict (?heatmap=1&mask=1&category=NAME), "
                   f"GET {url}/health, GET {url}/info; Ctrl-C to stop")
 
@@ -103,7 +108,7 @@ def _submit_serve_job(config: ServeConfig) -> None:
             "--host", config.host, "--port", str(config.port), "--max-batch-size", str(config.max_batch_size),
             "--batch-wait-ms", str(config.batch_wait_ms), "--max-image-bytes", str(limits.max_image_bytes),
             "--max-request-bytes", str(limits.max_request_bytes), "--max-image-pixels", str(limits.max_image_pixels),
-            "--max-images-per-request", str(limits.max_images)]
+            "--max-request-pixels", str(limits.max_request_pixels), "--max-images-per-request", str(limits.max_images)]
     for flag, value in (("--category", config.category), ("--pixel-threshold", config.pixel_threshold),
                         ("--replicas", config.replicas), ("--min-replicas", config.min_replicas),
                         ("--max-replicas", config.max_replicas), ("--gpus-per-replica", config.gpus_per_replica),

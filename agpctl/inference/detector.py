@@ -138,8 +138,10 @@ class Detector:
         found = self.categories_of(images, paths, category)
         detections = []
         for image, size, one, path in zip(images, sizes, found, paths):
+            # No category for the model, as for whole images and in the ONNX graph (OneNIP then
+            # picks its prompt by similarity); the category still chooses the thresholds.
             full_map, score = score_image(self.model, image, self.tiling, self.batch_size, self.precision,
-                                          self.device, one[0])
+                                          self.device)
             if full_map.shape != tuple(size):  # a working resolution: back to the original's size
                 full_map = resize_maps(torch.from_numpy(full_map)[None], [size])[0]
             detections.append(decide(score, full_map, one, self.thresholds, path))

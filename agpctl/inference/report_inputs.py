@@ -11,10 +11,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from agp_data import storage
+from agp_data.errors import DataError
+from agp_data.splits import split_samples
+from agp_data.tiled import working_shapes
+from agp_data.tiling import Tiling
 from agpctl import runs
 from agpctl.config import RunConfig
+from agpctl.errors import UserError
 from agpctl.inference.evaluate import evaluate_run, merge_predictions
 from agpctl.inference.scoring import Predictions
+from agpctl.inference.tiled_scoring import evaluation_shape
 from agpctl.inference.thresholds import ThresholdPolicy
 
 
@@ -63,19 +69,20 @@ def gather_report_inputs(run_uri: str, *, maps_file: str | None = None, batch_si
         if on_load is not None:
             on_load(run)
 
+    sub_runs = runs.sub_runs(run_uri)
     if maps_file:
         predictions = Predictions.load_npz(maps_file)
         table = predictions.metrics()
         source = f"saved predictions {maps_file} (agpctl eval --save-maps); the model was not run"
-        if predictions.maps.shape[1:] != (cfg.model.image_size, cfg.model.image_size):
+        expected = saved_map_shape(cfg, sub_runs)
+        if expected is not None and predictions.maps.shape[1:] != expected:
             notes.append(f"{maps_file} holds {predictions.maps.shape[1]}×{predictions.maps.shape[2]} maps but the run "
-                         f"works at {cfg.model.image_size} px: the file may come from another run")
+                         f"gives {expected[0]}×{expected[1]} ones: the file may come from another run or test set")
     else:
         table, parts = evaluate_run(run_uri, batch_size=batch_size, on_batch=on_batch, on_load=loaded,
                                     on_warning=on_warning)
         predictions = merge_predictions(parts)
         source = "evaluated now on the run's test split"
-    sub_runs = runs.sub_runs(run_uri)
     categories = sorted(set(predictions.categories))
     history, history_notes = _histories(run_uri, sub_runs)
     notes.extend(history_notes)
@@ -90,6 +97,24 @@ def gather_report_inputs(run_uri: str, *, maps_file: str | None = None, batch_si
         checkpoints=checkpoints,
         notes=notes,
     )
+
+
+def saved_map_shape(cfg: RunConfig, sub_runs: list[str]) -> tuple[int, int] | None:
+    """(height, width) of the maps ``agpctl eval --save-maps`` writes for this run: the model's
+    input size, or for a tiled run the largest evaluation shape of its (sub-runs') test splits,
+    read from the test images' headers; None when those cannot be read (the maps file is
+    meant for reports without the data, so that is no reason to complain)."""
+    if Tiling.from_config(cfg.data) is None:
+        return cfg.model.image_size, cfg.model.image_size
+    shapes = []
+    for sub in sub_runs:
+        sub_cfg = runs.load_run_config(sub)
+        try:
+            test = split_samples(sub_cfg.data, sub_cfg.train.seed).test
+            shapes.append(evaluation_shape(working_shapes(test, Tiling.from_config(sub_cfg.data))))
+        except (DataError, UserError):
+            return None
+    return max(h for h, _ in shapes), max(w for _, w in shapes)
 
 
 # -- thresholds -----------------------------------------------------------------------------

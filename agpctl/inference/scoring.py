@@ -21,7 +21,7 @@ from agp_models.base import AnomalyModel
 from agp_models.metrics import per_category_metrics
 from agpctl.distributed import WorkerContext, gather_to_main
 from agpctl.errors import UserError, first_line
-from agpctl.inference.tiled_scoring import score_shard
+from agpctl.inference.tiled_scoring import fit_to_shape, score_shard
 from agpctl.models import autocast, move_batch
 
 
@@ -44,12 +44,13 @@ class Predictions:
         parts = [p for p in parts if len(p.indices)]
         with_maps = [p for p in parts if p.maps.ndim == 3 and len(p.maps)]
         count = sum(len(p.indices) for p in parts)
+        maps, masks = _stacked_maps(with_maps)
         return cls(
             indices=np.arange(count) if reindex else
             (np.concatenate([p.indices for p in parts]) if parts else np.zeros((0,), np.int64)),
             scores=np.concatenate([p.scores for p in parts]) if parts else np.zeros((0,), np.float32),
-            maps=np.concatenate([p.maps for p in with_maps]) if with_maps else np.zeros((0, 0, 0), np.float32),
-            masks=np.concatenate([p.masks for p in with_maps]) if with_maps else np.zeros((0, 0, 0), bool),
+            maps=maps,
+            masks=masks,
             labels=np.concatenate([p.labels for p in parts]) if parts else np.zeros((0,), np.int64),
             categories=[c for p in parts for c in p.categories],
             paths=[x for p in parts for x in p.paths],
@@ -98,6 +99,21 @@ class Predictions:
                    maps=fields["maps"].astype(np.float32), masks=fields["masks"].astype(bool),
                    labels=fields["labels"].astype(np.int64), categories=[str(c) for c in fields["categories"]],
                    paths=[str(p) for p in fields["paths"]])
+
+
+def _stacked_maps(parts: list[Predictions]) -> tuple[np.ndarray, np.ndarray]:
+    """The maps and masks of ``parts`` stacked; parts whose maps differ in size (the sub-runs of
+    a tiled per-category run each keep theirs at their own working size) are first brought to
+    the largest height and width with :func:`fit_to_shape`."""
+    if not parts:
+        return np.zeros((0, 0, 0), np.float32), np.zeros((0, 0, 0), bool)
+    shapes = {p.maps.shape[1:] for p in parts}
+    if len(shapes) == 1:
+        return np.concatenate([p.maps for p in parts]), np.concatenate([p.masks for p in parts])
+    shape = (max(h for h, _ in shapes), max(w for _, w in shapes))
+    fitted = [fit_to_shape(m, k, shape) for p in parts for m, k in zip(p.maps, p.masks)]
+    return (np.stack([m.astype(np.float32, copy=False) for m, _ in fitted]),
+            np.stack([k for _, k in fitted]))
 
 
 def predict_dataset(model: AnomalyModel, dataset: Dataset, ctx: WorkerContext, batch_size: int, precision: str,

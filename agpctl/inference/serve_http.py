@@ -7,8 +7,9 @@ same file given to ``agpctl predict``), and decisions become JSON. Every way a r
 wrong raises :class:`RequestError`: a 4xx status and one line that says what to change.
 
 Statuses: 400 malformed request (empty body, broken multipart, unknown query parameter or
-category), 413 too large (body, one image's bytes, its pixels, too many images), 415 not an
-image, 422 an image that cannot be decoded (truncated, corrupt).
+category), 413 too large (body, one image's bytes, its pixels, the request's pixels, too many
+images), 415 not an image of an accepted format, 422 an image that cannot be decoded
+(truncated, corrupt).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from agp_data.errors import DataError
-from agp_data.images import rgb_array
+from agp_data.images import IMAGE_FORMATS, rgb_array
 from agpctl.inference.detector import Detection
 from agpctl.inference.predict import colorize, encode
 
@@ -56,11 +57,14 @@ class ServeLimits:
     max_image_bytes: int = 50 * MB  # one encoded image
     max_request_bytes: int = 200 * MB  # the whole body
     max_image_pixels: int = 50_000_000  # width x height of one decoded image: stops decompression bombs
+    # All images of one request together: many small-compressed images add up (64 of 50 MP: ~10 GB).
+    max_request_pixels: int = 200_000_000
     max_images: int = 64  # images in one multipart request
 
     def problems(self) -> list[str]:
         names = {"max_image_bytes": "--max-image-bytes", "max_request_bytes": "--max-request-bytes",
-                 "max_image_pixels": "--max-image-pixels", "max_images": "--max-images-per-request"}
+                 "max_image_pixels": "--max-image-pixels", "max_request_pixels": "--max-request-pixels",
+                 "max_images": "--max-images-per-request"}
         return [f"{flag} must be at least 1, got {getattr(self, name)}"
                 for name, flag in names.items() if getattr(self, name) < 1]
 
@@ -145,11 +149,7 @@ def image_parts(content_type: str | None, body: bytes, limits: ServeLimits) -> l
         raise RequestError(400, f"the request has no body; send image bytes ({FORMATS}) or multipart/form-data")
     media_type, params = _header_value(content_type or "")
     if media_type == "multipart/form-data":
-        parts = _multipart(body, params.get("boundary"))
-        if len(parts) > limits.max_images:
-            raise RequestError(413, f"{len(parts)} images in one request, over the limit of {limits.max_images} "
-                                    "(--max-images-per-request); send them in several requests")
-        return parts
+        return _multipart(body, params.get("boundary"), limits.max_images)
     if media_type.startswith("multipart/"):
         raise RequestError(400, f"{media_type} is not supported; send multipart/form-data or the image bytes")
     return [ImagePart("image", body)]
@@ -158,6 +158,12 @@ def image_parts(content_type: str | None, body: bytes, limits: ServeLimits) -> l
 def decode_image(data: bytes, limits: ServeLimits) -> np.ndarray:
     """Encoded image bytes → (H, W, 3) uint8 RGB, converted as files are (grey, palette, alpha on
     black, 16-bit, EXIF rotation). The pixel limit is checked from the header, before decoding."""
+    return _pixels(_opened(data, limits), len(data))
+
+
+def _opened(data: bytes, limits: ServeLimits) -> Image.Image:
+    """The image of ``data`` with only its header read, refused when it is not one of
+    :data:`~agp_data.images.IMAGE_FORMATS` or larger than one image may be."""
     if not data:
         raise RequestError(400, "the image is empty (0 bytes)")
     if len(data) > limits.max_image_bytes:
@@ -166,16 +172,23 @@ def decode_image(data: bytes, limits: ServeLimits) -> np.ndarray:
         # PIL warns above its own pixel limit; ours is checked below and decides.
         warnings.simplefilter("ignore")
         try:
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         except Image.DecompressionBombError as exc:
             raise RequestError(413, f"image refused: {exc}") from None
         except (UnidentifiedImageError, *_DECODE_ERRORS):
             raise RequestError(415, f"not an image that can be read ({len(data)} bytes); send {FORMATS} bytes") from None
-        width, height = image.size
-        if width * height > limits.max_image_pixels:
-            raise RequestError(413, f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
-                                    f"limit of {limits.max_image_pixels / 1e6:g} (--max-image-pixels); "
-                                    "send a smaller image")
+    width, height = image.size
+    if width * height > limits.max_image_pixels:
+        raise RequestError(413, f"image is {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+                                f"limit of {limits.max_image_pixels / 1e6:g} (--max-image-pixels); "
+                                "send a smaller image")
+    return image
+
+
+def _pixels(image: Image.Image, size: int) -> np.ndarray:
+    """The RGB pixels of an image :func:`_opened` accepted (``size``: its encoded bytes)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as in _opened: our limits decide, not PIL's
         try:
             image.load()
             try:
@@ -186,16 +199,32 @@ def decode_image(data: bytes, limits: ServeLimits) -> np.ndarray:
         except (DataError, *_DECODE_ERRORS) as exc:
             reason = str(exc) or type(exc).__name__
             kind = f"{image.format} image" if image.format else "image"
-            raise RequestError(422, f"cannot decode the {kind} ({len(data)} bytes): {reason}; "
+            raise RequestError(422, f"cannot decode the {kind} ({size} bytes): {reason}; "
                                     "send the complete file") from None
 
 
 def decode_parts(parts: list[ImagePart], limits: ServeLimits) -> list[DecodedImage]:
-    """Each part decoded, or the reason it could not be (one bad image never fails the others)."""
-    decoded = []
+    """Each part decoded, or the reason it could not be (one bad image never fails the others).
+    Every header is read first: a request whose images together exceed the pixel limit is
+    refused (413) before any of them is decoded."""
+    opened: list[Image.Image | RequestError] = []
     for part in parts:
         try:
-            decoded.append(DecodedImage(part.name, rgb=decode_image(part.data, limits)))
+            opened.append(_opened(part.data, limits))
+        except RequestError as exc:
+            opened.append(exc)
+    total = sum(image.width * image.height for image in opened if isinstance(image, Image.Image))
+    if total > limits.max_request_pixels:
+        raise RequestError(413, f"the request's images hold {total / 1e6:.1f} megapixels together, over the limit "
+                                f"of {limits.max_request_pixels / 1e6:g} (--max-request-pixels); "
+                                "send them in several requests")
+    decoded = []
+    for part, image in zip(parts, opened):
+        if isinstance(image, RequestError):
+            decoded.append(DecodedImage(part.name, error=image))
+            continue
+        try:
+            decoded.append(DecodedImage(part.name, rgb=_pixels(image, len(part.data))))
         except RequestError as exc:
             decoded.append(DecodedImage(part.name, error=exc))
     return decoded
@@ -278,10 +307,18 @@ def _header_value(value: str) -> tuple[str, dict[str, str]]:
     return media, {k.lower(): collapse_rfc2231_value(v) for k, v in params[1:]}
 
 
-def _multipart(body: bytes, boundary: str | None) -> list[ImagePart]:
-    """The parts of a ``multipart/form-data`` body (RFC 7578), each taken as one image."""
+def _multipart(body: bytes, boundary: str | None, max_images: int) -> list[ImagePart]:
+    """The parts of a ``multipart/form-data`` body (RFC 7578), each taken as one image; more
+    than ``max_images`` is a 413 before any part is parsed."""
     if not boundary:
         raise RequestError(400, "multipart/form-data without a boundary; let the HTTP client set the Content-Type")
+    # Parsing costs per part: millions of minimal parts in a body within the byte limit would
+    # hold the replica for half a minute. The boundary may not occur inside a part (RFC 2046), so
+    # its occurrences, less the closing one, bound the number of parts.
+    count = body.count(b"--" + boundary.encode("latin-1")) - 1
+    if count > max_images:
+        raise RequestError(413, f"{count} images in one request, over the limit of {max_images} "
+                                "(--max-images-per-request); send them in several requests")
     delimiter = b"\r\n--" + boundary.encode("latin-1")
     # The first delimiter may open the body without the CRLF that precedes the others.
     pieces = (b"\r\n" + body).split(delimiter)

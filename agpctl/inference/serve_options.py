@@ -22,7 +22,7 @@ class ServeConfig:
     replicas: int | None = None  # a fixed number of replicas (default 1 unless min/max are given)
     min_replicas: int | None = None  # autoscaling bounds
     max_replicas: int | None = None
-    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    gpus_per_replica: float | None = None  # None: the cluster's GPUs shared by the most replicas, at most 1 each
     cpus_per_replica: float | None = None  # None: the embedded Ray's CPUs shared by the replicas; 1 on a cluster
     max_batch_size: int = 16  # images per model call
     batch_wait_ms: float = 10.0  # how long a batch waits to fill

@@ -2,10 +2,11 @@
 
 Routes: ``POST /predict`` (see :mod:`agpctl.inference.serve_http`), ``GET /health``,
 ``GET /info``. Concurrent requests meet in ``serve.batch``: images that arrive within the
-batch wait are scored in one model call. Decoding and PNG encoding run on worker threads and
-the model on one thread of its own, so the event loop keeps reading requests (and answering
-``/health``) while the model works. Scores come from :meth:`Detector.predict`, the path of
-``agpctl predict`` and the Python API, so all three give the same numbers.
+batch wait are scored in one model call. Parsing, decoding and PNG encoding run on worker
+threads and the model on one thread of its own, so the event loop keeps reading requests (and
+answering ``/health``) while a request is parsed or the model works. Scores come from
+:meth:`Detector.predict`, the path of ``agpctl predict`` and the Python API, so all three give
+the same numbers.
 
 The class is Ray-free at import; :func:`agpctl.inference.serving.application` makes it a
 Serve deployment.
@@ -95,7 +96,7 @@ class DetectorService:
             self._check_category(options.category)
         limits = self.config.limits
         body = await read_body(request.stream(), request.headers.get("content-length"), limits)
-        parts = image_parts(request.headers.get("content-type"), body, limits)
+        parts = await asyncio.to_thread(image_parts, request.headers.get("content-type"), body, limits)
         del body  # multipart parts are copies: a 200 MB body should not stay in memory twice
         decoded = await asyncio.to_thread(decode_parts, parts, limits)
         del parts

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import socket
 import time
 import urllib.error
@@ -29,6 +30,7 @@ from agpctl.paths import absolute
 APP_NAME = "agp"
 DEPLOYMENT_NAME = "detector"
 READY_TIMEOUT_S = 60.0
+GPU_SHARE_UNITS = 10_000
 # A replica that fails to load the run fails again: report it after a few tries, not Serve's 20.
 CONSTRUCTOR_RETRIES = 3
 
@@ -73,13 +75,23 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def resolved_resources(config: ServeConfig, cluster: dict[str, float], remote: bool) -> ServeConfig:
-    """GPUs and CPUs per replica as the cluster allows, where the user left them open."""
+    """GPUs and CPUs per replica as the cluster allows, where the user left them open: the
+    cluster's GPUs shared by the most replicas (at most one each). On the embedded Ray, fixed
+    replicas that need more GPUs than the machine has would wait for them forever: a UserError
+    instead (a remote cluster may add GPU nodes when asked)."""
+    low, high = config.replica_bounds()
+    cluster_gpus = float(cluster.get("GPU", 0.0))
     gpus = config.gpus_per_replica
     if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) >= 1 else 0.0
+        # Ray counts GPU shares in units of 1/10000: rounded down, the shares never add up to more than the GPUs.
+        gpus = math.floor(min(1.0, cluster_gpus / high) * GPU_SHARE_UNITS) / GPU_SHARE_UNITS
+    elif not remote and low == high and low * gpus > cluster_gpus + 1e-9:
+        fitting = math.floor(cluster_gpus / low * GPU_SHARE_UNITS) / GPU_SHARE_UNITS
+        raise UserError(f"--replicas {low} with --gpus-per-replica {gpus:g} need {low * gpus:g} GPUs but this "
+                        f"machine has {cluster_gpus:g}; lower one of them (e.g. --gpus-per-replica {fitting:g})")
     cpus = config.cpus_per_replica
     if cpus is None:
-        cpus = 1.0 if remote else local_cpu_share(cluster.get("CPU", 1), config.replica_bounds()[1])
+        cpus = 1.0 if remote else local_cpu_share(cluster.get("CPU", 1), high)
     return replace(config, gpus_per_replica=gpus, cpus_per_replica=cpus)
 
 

@@ -49,7 +49,7 @@ BLOCK_TORCH = textwrap.dedent("""
     class BlockTorch:  # the deployment machine: torch, torchvision and timm are not installed
         def find_spec(self, name, path=None, target=None):
             if name.split(".")[0] in ("torch", "torchvision", "timm"):
-                raise ImportError(f"No module named {name!r} (blocked by the test)")
+                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)", name=name)
             return None
 
     sys.meta_path.insert(0, BlockTorch())
@@ -271,6 +271,25 @@ def test_the_api_and_the_cli_run_the_model_where_torch_cannot_be_imported(export
             assert os.path.isfile(row[column])
     summary = json.loads(open(os.path.join(out, "predictions.json")).read())
     assert summary["model"]["format"] == "onnx" and summary["model"]["method"] == "agpnet"
+
+
+def test_the_command_line_lists_every_command_where_torch_cannot_be_imported():
+    def agpctl(*args: str) -> subprocess.CompletedProcess:
+        script = BLOCK_TORCH + f"sys.argv = ['agpctl', *{list(args)!r}]\nimport runpy\n" \
+                               "runpy.run_module('agpctl.cli', run_name='__main__')\n"
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                              cwd=helpers.REPO_ROOT, env={**os.environ, "COLUMNS": "200"})
+
+    listed = agpctl("--help")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    commands = {line.split()[0]: " ".join(line.split()[1:]) for line in
+                listed.stdout.split("Commands:")[1].splitlines() if line.strip()}
+    assert {"predict", "export", "data", "train", "serve"} <= set(commands)
+    assert "needs" not in commands["predict"] and "needs" not in commands["data"]
+    assert commands["train"].startswith("needs PyTorch: pip install agp")
+    refused = agpctl("train", "--epochs", "3")
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1 and "agpctl train needs PyTorch" in lines[0], refused.stderr
 
 
 # -- bad models, sidecars and requests: one line, nothing lost ---------------------------------

@@ -139,6 +139,16 @@ def test_too_many_images_is_a_413():
     assert status == 413 and "--max-images-per-request" in message
 
 
+def test_too_many_images_is_a_413_before_any_part_is_parsed():
+    # A part the parser would refuse (400) after the limit: the count decides first.
+    minimal = b"--b\r\nContent-Disposition: form-data; name=x\r\n\r\n\r\n"
+    body = minimal * 65 + b"--b\r\nno headers here\r\n--b--\r\n"
+    content_type = "multipart/form-data; boundary=b"
+    status, message = status_of(lambda: image_parts(content_type, body, ServeLimits(max_images=64)))
+    assert status == 413 and "66 images" in message and "--max-images-per-request" in message
+    assert len(image_parts(content_type, minimal * 64 + b"--b--", LIMITS)) == 64
+
+
 # -- decoding -------------------------------------------------------------------------------------
 def test_decoding_converts_as_files_are_read(tmp_path):
     rng = np.random.default_rng(0)
@@ -169,6 +179,36 @@ def test_a_decompression_bomb_is_refused_from_its_header():
     assert len(bomb) < 50_000
     status, message = status_of(lambda: decode_image(bomb, ServeLimits(max_image_pixels=1_000_000)))
     assert status == 413 and "1500x2000" in message and "--max-image-pixels" in message
+
+
+def test_the_images_of_one_request_share_a_pixel_budget():
+    one_megapixel = png_bytes(np.zeros((1000, 1000), dtype=np.uint8), mode="L")  # a few kB
+    limits = ServeLimits(max_image_pixels=1_000_000, max_request_pixels=2_500_000)
+    parts = [ImagePart(f"{i}.png", one_megapixel) for i in range(3)]
+    status, message = status_of(lambda: decode_parts(parts, limits))
+    assert status == 413 and "3.0 megapixels" in message and "--max-request-pixels" in message
+    assert [d.rgb.shape for d in decode_parts(parts[:2], limits)] == [(1000, 1000, 3)] * 2
+    # Images refused on their own do not count against the others.
+    mixed = decode_parts([*parts[:2], ImagePart("big.png", png_bytes(np.zeros((1001, 1000), np.uint8), "L"))], limits)
+    assert [d.error.status if d.error else 200 for d in mixed] == [200, 200, 413]
+
+
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+       b"newpath 0 0 moveto 8 8 lineto stroke\n%%EOF\n")
+
+
+def gif_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="GIF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("name", ["eps", "gif"])
+def test_only_the_accepted_formats_are_opened(name):
+    data = EPS if name == "eps" else gif_bytes()  # PIL would hand the EPS to Ghostscript
+    assert Image.open(io.BytesIO(data)).format == name.upper()  # an image PIL could open
+    status, message = status_of(lambda: decode_image(data, LIMITS))
+    assert status == 415 and "PNG, JPEG, BMP, TIFF or WebP" in message
 
 
 @pytest.mark.parametrize("data, status, expected", [
@@ -238,6 +278,7 @@ def test_the_answer_status_follows_what_could_be_scored():
     ({"batch_wait_ms": -1}, "--batch-wait-ms"),
     ({"gpus_per_replica": -1}, "--gpus-per-replica"),
     ({"limits": ServeLimits(max_image_pixels=0)}, "--max-image-pixels"),
+    ({"limits": ServeLimits(max_request_pixels=0)}, "--max-request-pixels"),
     ({"threshold": "high"}, "--threshold"),
 ])
 def test_impossible_options_are_one_line_naming_the_flag(changes, expected):
@@ -256,7 +297,31 @@ def test_fixed_and_autoscaled_replicas_become_serve_options():
     options = deployment_options(scaled)
     assert options["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 8}
     assert "num_replicas" not in options
-    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.6666}  # 3 replicas on 2 GPUs
+
+
+@pytest.mark.parametrize("changes, gpus, expected", [
+    ({"replicas": 2}, 1.0, 0.5),  # one GPU shared, not two asked for
+    ({"replicas": 3}, 1.0, 0.3333),
+    ({"min_replicas": 1, "max_replicas": 4}, 2.0, 0.5),  # room for the most replicas
+    ({}, 4.0, 1.0),  # never more than one each
+    ({"replicas": 2}, 0.0, 0.0),
+    ({"replicas": 2, "gpus_per_replica": 0.25}, 1.0, 0.25),  # the user's choice stays
+])
+def test_gpus_per_replica_share_the_clusters_gpus(changes, gpus, expected):
+    resolved = resolved_resources(ServeConfig(run="r", **changes), {"CPU": 8.0, "GPU": gpus}, remote=False)
+    assert resolved.gpus_per_replica == expected
+
+
+def test_fixed_replicas_needing_more_gpus_than_the_machine_has_are_one_line():
+    config = ServeConfig(run="r", replicas=2, gpus_per_replica=1.0)
+    with pytest.raises(UserError, match=r"--replicas 2 with --gpus-per-replica 1 need 2 GPUs but this machine "
+                                        r"has 1; .*--gpus-per-replica 0.5\)"):
+        resolved_resources(config, {"CPU": 8.0, "GPU": 1.0}, remote=False)
+    # A remote cluster may add GPU nodes; autoscaled replicas start as the GPUs allow.
+    assert resolved_resources(config, {"CPU": 8.0, "GPU": 1.0}, remote=True).gpus_per_replica == 1.0
+    scaled = ServeConfig(run="r", max_replicas=2, gpus_per_replica=1.0)
+    assert resolved_resources(scaled, {"CPU": 8.0, "GPU": 1.0}, remote=False).gpus_per_replica == 1.0
 
 
 def test_a_port_in_use_is_one_line():
@@ -272,6 +337,7 @@ def test_a_port_in_use_is_one_line():
 @pytest.mark.parametrize("args, expected", [
     (["--replicas", "2", "--max-replicas", "3"], "not both"),
     (["--max-image-bytes", "0"], "--max-image-bytes must be at least 1"),
+    (["--max-request-pixels", "0"], "--max-request-pixels must be at least 1"),
     (["--run", "/nonexistent/agp-run"], "not an agp run directory"),
 ])
 def test_agpctl_serve_mistakes_are_one_line_before_ray_starts(args, expected, monkeypatch):
@@ -307,3 +373,42 @@ def test_a_replica_that_fails_to_start_is_named_by_its_own_error():
     assert str(other) == "the service did not start: MemoryError: out of memory"
     no_status = SimpleNamespace(status=lambda: (_ for _ in ()).throw(ConnectionError("gone")))
     assert "Failed to update the deployments" in str(startup_error(no_status, failed))
+
+
+# -- the replica's event loop ---------------------------------------------------------------------
+def test_the_replica_keeps_answering_while_a_request_is_parsed(monkeypatch):
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from agpctl.inference import serve_replica
+
+    parsing = threading.Event()
+
+    def slow_image_parts(*args):  # as a multipart body of many parts would be
+        parsing.set()
+        time.sleep(0.3)
+        parsing.clear()
+        return image_parts(*args)
+
+    async def detect(item):
+        return detection()
+
+    monkeypatch.setattr(serve_replica, "image_parts", slow_image_parts)
+    service = serve_replica.DetectorService.__new__(serve_replica.DetectorService)
+    service.config, service._detect = ServeConfig(run="r"), detect
+    content_type, body = encode_multipart([("a.png", png_bytes(np.zeros((8, 8, 3), dtype=np.uint8)))])
+    request = SimpleNamespace(query_params=SimpleNamespace(multi_items=lambda: []),
+                              headers={"content-type": content_type}, stream=lambda: chunks(body))
+
+    async def scenario():
+        ticks_while_parsing = 0
+        answer = asyncio.ensure_future(service._predict(request))
+        while not answer.done():
+            await asyncio.sleep(0.01)
+            ticks_while_parsing += parsing.is_set()
+        return ticks_while_parsing, answer.result()
+
+    ticks, (status, answer) = asyncio.run(scenario())
+    assert status == 200 and answer["predictions"][0]["name"] == "a.png"
+    assert ticks >= 3
