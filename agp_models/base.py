@@ -169,9 +169,6 @@ class FeatureCache:
     def __len__(self) -> int:
         return int(self.filled.sum())
 
-    def __contains__(self, index: int) -> bool:
-        return 0 <= index < len(self.filled) and bool(self.filled[index])
-
     def __iter__(self):
         return iter(torch.nonzero(self.filled).flatten().tolist())
 

@@ -36,7 +36,7 @@ from agpctl.checkpoint import CHECKPOINT_DIR_PREFIX, CHECKPOINT_FILE, deserialis
 from agpctl.config import RunConfig
 from agpctl.errors import UserError
 from agpctl.models import build_model, default_device
-from agpctl.strict_json import to_json  # also this module's public name: runs.to_json
+from agpctl.strict_json import to_json
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"

@@ -16,6 +16,7 @@ from agp_data import storage
 from agpctl import runs
 from agpctl.config import RunConfig
 from agpctl.errors import UserError, remote_error
+from agpctl.strict_json import to_json
 from tuning.space import SearchSpace
 from tuning.state import METRIC, METRIC_FIELDS, SweepSettings, new_record, number_or_none, trial_outcome
 
@@ -124,7 +125,7 @@ def summarise(cfg: RunConfig, space: SearchSpace, settings: SweepSettings, sweep
         "best_config": best_config_uri,
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
-    storage.write_text(storage.join(sweep_uri, RESULTS_JSON), runs.to_json({"summary": summary, "trials": trials}))
+    storage.write_text(storage.join(sweep_uri, RESULTS_JSON), to_json({"summary": summary, "trials": trials}))
     storage.write_text(storage.join(sweep_uri, RESULTS_CSV), trials_csv(trials))
     return SweepOutcome(sweep_uri=sweep_uri, trials=trials, best=best, best_config_uri=best_config_uri,
                         warnings=warnings_seen)

@@ -50,6 +50,7 @@ from agp_data.errors import DataError
 from agpctl import runs
 from agpctl.config import RunConfig
 from agpctl.errors import UserError
+from agpctl.strict_json import to_json
 from tuning.space import SearchSpace, parse_space
 
 OBJECTIVES = ("synthetic-val", "test")
@@ -235,7 +236,7 @@ def new_record(trial_id: str) -> dict[str, Any]:
 
 
 def write_trial_record(sweep_uri: str, record: dict[str, Any]) -> None:
-    storage.write_text(trial_record_uri(sweep_uri, record["id"]), runs.to_json(record) + "\n")
+    storage.write_text(trial_record_uri(sweep_uri, record["id"]), to_json(record) + "\n")
 
 
 def number_or_none(value: Any) -> float | None:

@@ -9,7 +9,7 @@ from agp_data import storage
 from agpctl.console import console, print_warning
 from agpctl.inference.report import render_report, report_uri, write_report
 from agpctl.inference.report_inputs import gather_report_inputs
-from agpctl.runs import to_json
+from agpctl.strict_json import to_json
 from agpctl.tables import metrics_table
 
 

@@ -12,7 +12,7 @@ from agpctl.cluster.connect import address_kind
 from agpctl.cluster.jobs import submit_training
 from agpctl.console import console, print_warning
 from agpctl.inference.evaluate import evaluate_run, merge_predictions
-from agpctl.runs import to_json
+from agpctl.strict_json import to_json
 from agpctl.tables import metrics_table
 from agpctl.training.launch import launch_training
 

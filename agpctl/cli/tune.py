@@ -6,7 +6,7 @@ import click
 
 from agpctl.cli.run_flags import config_from_options, run_options
 from agpctl.console import console
-from agpctl.runs import to_json
+from agpctl.strict_json import to_json
 from tuning.space import load_space
 from tuning.sweep import SweepSettings, run_sweep
 

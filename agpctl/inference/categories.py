@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from agp_models.base import AnomalyModel
-from agpctl.inference.detection import category_in_path, check_category  # noqa: F401 - torch-free, re-exported
 from agpctl.models import autocast
 
 PAYLOAD_KEY = "categories"  # where a checkpoint payload holds the prototypes

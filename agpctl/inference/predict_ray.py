@@ -19,7 +19,7 @@ from agpctl.cluster.connect import address_kind, local_cpu_share, ray_session, u
 from agpctl.cluster.events import drain, make_channel, send
 from agpctl.config import auto_gpus_per_worker
 from agpctl.errors import UserError, remote_error_line
-from agpctl.inference.categories import check_category
+from agpctl.inference.detection import check_category
 from agpctl.inference.detector import Detector
 from agpctl.inference.predict import (
     InputImage,

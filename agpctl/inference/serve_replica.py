@@ -39,6 +39,7 @@ from agpctl.inference.serve_http import (
     read_body,
 )
 from agpctl.inference.serve_options import ServeConfig
+from agpctl.strict_json import to_json
 
 logger = logging.getLogger("ray.serve")
 ROUTES = {"/predict": "POST", "/health": "GET", "/info": "GET"}
@@ -77,7 +78,7 @@ class DetectorService:
             logger.error("agp serve: %s %s failed:\n%s", request.method, path, traceback.format_exc())
             status, body = 500, {"error": f"internal error: {first_line(exc)}"}
         headers = {"Allow": ROUTES[path]} if status == 405 else None
-        return Response(runs.to_json(body), status_code=status, media_type="application/json", headers=headers)
+        return Response(to_json(body), status_code=status, media_type="application/json", headers=headers)
 
     async def _route(self, request, path: str) -> tuple[int, dict[str, Any]]:
         if path not in ROUTES:

@@ -21,7 +21,7 @@ from agp_data import storage
 from agpctl import runs
 from agpctl.cluster.connect import address_kind, local_cpu_share, ray_session
 from agpctl.errors import UserError, remote_error_line, user_error_from_remote
-from agpctl.inference.categories import check_category
+from agpctl.inference.detection import check_category
 from agpctl.inference.serve_options import ServeConfig
 from agpctl.inference.serve_replica import DetectorService
 from agpctl.inference.thresholds import is_auto, resolve_thresholds

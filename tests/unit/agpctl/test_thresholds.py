@@ -20,7 +20,7 @@ from agp_data.generate import generate_dataset
 from agpctl import checkpoint as ckpt
 from agpctl import runs
 from agpctl.cli import cli
-from agpctl.inference.categories import category_in_path
+from agpctl.inference.detection import category_in_path
 from agpctl.errors import UserError
 from agpctl.inference.predict import run_predict
 from agpctl.inference.predict_ray import run_predict_on_ray
