@@ -132,8 +132,9 @@ class _WorkingImages:
         return (tensor - self.mean) / self.std
 
 
-class TileDataset(Dataset):
-    """Every grid tile of every image of ``samples`` as one item (see the module docstring)."""
+class _OverWorkingImages(Dataset):
+    """What both tiled datasets hold: the images at the working resolution, the tiling, the
+    model's input size, normalisation and categories."""
 
     def __init__(self, samples: Sequence[Sample], tiling: Tiling, image_size: int, mean: Sequence[float],
                  std: Sequence[float], cache_dir: str | None = None, decoded_cache_mb: float = 0) -> None:
@@ -143,8 +144,16 @@ class TileDataset(Dataset):
         self.tiling = tiling
         self.image_size = int(image_size)
         self.mean, self.std = self.images.mean, self.images.std
+        self.categories: list[str] = sorted({s.category for s in samples})
+
+
+class TileDataset(_OverWorkingImages):
+    """Every grid tile of every image of ``samples`` as one item (see the module docstring)."""
+
+    def __init__(self, samples: Sequence[Sample], tiling: Tiling, image_size: int, mean: Sequence[float],
+                 std: Sequence[float], cache_dir: str | None = None, decoded_cache_mb: float = 0) -> None:
+        super().__init__(samples, tiling, image_size, mean, std, cache_dir, decoded_cache_mb)
         self.source_samples = list(samples)
-        self.categories: list[str] = sorted({s.category for s in self.source_samples})
         counts = [len(_origins(shape, tiling)) for shape in self.images.shapes]
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64).tolist()
         # One entry per item: TrainingView pairs item i with samples[i].
@@ -176,21 +185,15 @@ class TileDataset(Dataset):
                 "category": sample.category, "index": index, "path": sample.image}
 
 
-class WholeImageDataset(Dataset):
+class WholeImageDataset(_OverWorkingImages):
     """One item per image at the working resolution: ``image`` 3×H×W normalised, ``mask``
     1×H×W, ``label``, ``category``, ``index``, ``path``. Scored by cutting tiles
     (:func:`agpctl.inference.scoring.predict_dataset` with a tiling)."""
 
     def __init__(self, samples: Sequence[Sample], tiling: Tiling, image_size: int, mean: Sequence[float],
                  std: Sequence[float], cache_dir: str | None = None, decoded_cache_mb: float = 0) -> None:
-        if not samples:
-            raise DataError("no samples to load: check the dataset root, categories and split")
-        self.images = _WorkingImages(samples, tiling, mean, std, cache_dir, decoded_cache_mb)
-        self.tiling = tiling
-        self.image_size = int(image_size)
+        super().__init__(samples, tiling, image_size, mean, std, cache_dir, decoded_cache_mb)
         self.samples = list(samples)
-        self.categories: list[str] = sorted({s.category for s in self.samples})
-        self.mean, self.std = self.images.mean, self.images.std
 
     def __len__(self) -> int:
         return len(self.samples)
