@@ -70,6 +70,11 @@ class ClusterConfig:
     # The embedded Ray's dashboard (http://127.0.0.1:8265 while the command runs): off by
     # default, its processes cost seconds of start-up; remote clusters keep their own.
     dashboard: bool = False
+    # A one-worker run on the embedded Ray trains in the agpctl process itself (Ray Train's
+    # local mode): no Ray instance, controller or worker actor to start, seconds instead of
+    # ~15 s before the first step. True: in a Ray Train worker actor, as multi-worker runs do
+    # (also implied by --dashboard and --max-failures, which need the worker group).
+    worker_actor: bool = False
 
 
 @dataclass(kw_only=True)

@@ -2,7 +2,7 @@
 
     <out>/<name>/                       a run (name: <method>-<dataset>-<time> by default)
         config.yaml                     the resolved configuration: enough to rebuild the model
-        checkpoint_epoch-NNNN/model.pt  checkpoints (Ray Train persists them; agpctl.checkpoint)
+        checkpoint_epoch-NNNN/model.pt  checkpoints (Ray Train persists a worker group's; agpctl.checkpoint)
         thresholds.json                 calibrated image / pixel thresholds (pooled and per category)
         categories.json                 the categories the model knows (their prototypes: checkpoint payload)
         summary.json                    what was trained on what, and when
@@ -32,7 +32,7 @@ import torch
 
 from agp_data import storage
 from agp_models.base import AnomalyModel
-from agpctl.checkpoint import CHECKPOINT_DIR_PREFIX, CHECKPOINT_FILE, deserialise
+from agpctl.checkpoint import CHECKPOINT_DIR_PREFIX, CHECKPOINT_FILE, checkpoint_dir_name, deserialise, serialise
 from agpctl.config import RunConfig
 from agpctl.errors import UserError
 from agpctl.models import build_model, default_device
@@ -165,6 +165,17 @@ def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
         if match and _same_run(run_uri, parent):
             found[int(match.group(1))] = parent
     return sorted(found.items())
+
+
+def save_checkpoint(run_uri: str, payload: dict[str, Any], epoch: int | None, keep: int) -> str:
+    """Writes ``payload`` as the run's checkpoint of ``epoch`` (atomically) and removes the
+    oldest beyond ``keep``, as Ray Train does for a worker group's reports; for runs that
+    train without one (in the agpctl process, in a sweep trial). Returns its directory."""
+    directory = storage.join(run_uri, checkpoint_dir_name(epoch))
+    storage.write_bytes(storage.join(directory, CHECKPOINT_FILE), serialise(payload))
+    for _, older in list_checkpoints(run_uri)[: -max(1, keep)]:
+        storage.delete(older)
+    return directory
 
 
 def _same_run(run_uri: str, checkpoint_dir: str) -> bool:

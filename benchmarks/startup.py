@@ -48,7 +48,7 @@ PROBE_ENV = "AGP_STARTUP_PROBE"  # the events file; the probe does nothing witho
 TIMED: dict[str, tuple[str, ...]] = {
     "agpctl.training.launch": ("launch_training", "fit_one"),
     "agpctl.training.preflight": ("check_data_and_model",),
-    "agpctl.training.worker": ("worker_loop", "train_on_worker"),
+    "agpctl.training.worker": ("worker_loop", "in_process_loop", "train_on_worker"),
     "agpctl.training.steps": ("Trainer.train_epoch",),
     "agpctl.models": ("build_model",),
     "agp_data.splits": ("build_datasets",),
@@ -75,7 +75,7 @@ TRAIN_STAGES = (
     ("placement group", "DefaultPlacementGroupHandle.wait:end"),
     ("worker processes start", "WorkerGroup._create_workers:end"),
     ("train context (process group)", "WorkerGroup._init_train_context:end"),
-    ("worker imports + loop start", "worker_loop:begin"),
+    ("worker imports + loop start", "train_on_worker:begin"),
     ("dataset + model build", "Trainer.train_epoch:begin"),
     ("first step", "first_step"),
 )
@@ -240,7 +240,8 @@ def train_timeline(events: list[dict], started: float) -> dict[str, float | None
     end = first_time(events, "first_step")
     stages["total: start to first step"] = end - started if end is not None else None
     # not a stage of the timeline: where the workers' imports went
-    worker_pids = {e["pid"] for e in events if e["event"] == "worker_loop:begin"}
+    # (the training process: a worker actor, or the CLI itself in Ray Train's local mode)
+    worker_pids = {e["pid"] for e in events if e["event"] == "train_on_worker:begin"}
     stages["  of which torch import (worker)"] = _span(events, "import torch", worker_pids)
     stages["  of which agpctl worker import"] = _span(events, "import agpctl.training.worker", worker_pids)
     return stages

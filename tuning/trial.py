@@ -27,7 +27,6 @@ import contextlib
 from typing import Any
 
 from agp_data import storage
-from agpctl import checkpoint as ckpt
 from agpctl import runs
 from agpctl.cluster.connect import use_assigned_cpus
 from agpctl.cluster.trainer import make_torch_trainer, worker_resources
@@ -120,8 +119,7 @@ def trial_device():
 
 class TuneReporter:
     """``train_on_worker``'s ``report`` inside a trial: a checkpoint goes to the run directory
-    (written atomically, the oldest beyond ``keep`` removed, as Ray Train does for
-    ``agpctl train``), then the metrics go to Tune — in that order, so that a trial ASHA stops
+    (:func:`agpctl.runs.save_checkpoint`), then the metrics go to Tune — in that order, so that a trial ASHA stops
     on this report keeps the checkpoint it reported."""
 
     def __init__(self, run_uri: str, keep: int) -> None:
@@ -133,12 +131,6 @@ class TuneReporter:
 
         result = dict(metrics)
         if checkpoint_payload is not None:
-            result[CHECKPOINT_PATH_KEY] = self.save(checkpoint_payload, epoch)
+            result[CHECKPOINT_PATH_KEY] = runs.save_checkpoint(self.run_uri, checkpoint_payload, epoch, self.keep)
         tune.report(result)
 
-    def save(self, payload: dict[str, Any], epoch: int | None) -> str:
-        directory = storage.join(self.run_uri, ckpt.checkpoint_dir_name(epoch))
-        storage.write_bytes(storage.join(directory, ckpt.CHECKPOINT_FILE), ckpt.serialise(payload))
-        for _, older in runs.list_checkpoints(self.run_uri)[: -self.keep]:
-            storage.delete(older)
-        return directory

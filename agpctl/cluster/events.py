@@ -10,13 +10,20 @@ def make_channel():
     return Queue(maxsize=10_000, actor_options={"num_cpus": 0})
 
 
+def make_local_channel():
+    """The same channel within one process (a run in Ray Train's local mode): no Ray needed."""
+    import queue
+
+    return queue.Queue(maxsize=10_000)
+
+
 def drain(channel) -> list[tuple]:
     """Every event waiting in ``channel``, without blocking."""
     events = []
     while True:
         try:
             events.append(channel.get_nowait())
-        except Exception:  # ray.util.queue.Empty
+        except Exception:  # ray.util.queue.Empty, queue.Empty
             return events
 
 

@@ -42,9 +42,10 @@ def worker_resources(cfg: RunConfig) -> dict[str, float]:
 
 
 def make_torch_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], cfg: RunConfig, *,
-                       name: str, storage_out: str, callbacks: list | None = None):
+                       name: str, storage_out: str, callbacks: list | None = None, in_process: bool = False):
     """A TorchTrainer running ``loop(loop_config)`` on ``cfg.cluster.workers`` workers, persisting
-    checkpoints to ``<storage_out>/<name>`` (local or s3://).
+    checkpoints to ``<storage_out>/<name>`` (local or s3://). ``in_process``: Ray Train's local
+    mode (``num_workers=0``), ``loop`` runs in this process and needs no Ray instance.
 
     No ``resume_from_checkpoint``: Ray Train V2 refuses it, and the loop finds its run's newest
     valid checkpoint in the run directory itself."""
@@ -52,14 +53,15 @@ def make_torch_trainer(loop: Callable[[dict[str, Any]], None], loop_config: dict
     from ray.train.torch import TorchTrainer
 
     fs, storage_path = storage_location(storage_out)
+    if in_process:
+        scaling = ray.train.ScalingConfig(num_workers=0)
+    else:
+        scaling = ray.train.ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=cfg.cluster.gpus_per_worker > 0,
+                                          resources_per_worker=worker_resources(cfg))
     return TorchTrainer(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.cluster.workers,
-            use_gpu=cfg.cluster.gpus_per_worker > 0,
-            resources_per_worker=worker_resources(cfg),
-        ),
+        scaling_config=scaling,
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,

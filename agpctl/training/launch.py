@@ -1,8 +1,15 @@
 """The driver of `agpctl train`: checks, writes the run's configuration, starts Ray, runs one
-Ray Train job (or one per category with ``--per-category``) and shows its progress."""
+Ray Train job (or one per category with ``--per-category``) and shows its progress.
+
+A one-worker run on the embedded Ray is a Ray Train job in local mode: the training loop runs
+in this process, and no Ray instance, controller or worker actor is started — about 13 s of
+a 19 s start-up on a 2-core machine (benchmarks/startup.py). Multi-worker runs, remote
+clusters, ``--dashboard``, ``--max-failures`` and ``--worker-actor`` use a worker group.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -11,15 +18,15 @@ from typing import Any
 import torch
 
 from agpctl import runs
-from agpctl.cluster.connect import Terminated, address_kind, ray_session
-from agpctl.cluster.events import make_channel
+from agpctl.cluster.connect import Terminated, address_kind, ray_session, sigterm_as_interrupt
+from agpctl.cluster.events import make_channel, make_local_channel
 from agpctl.cluster.trainer import make_torch_trainer, resolve_cpus_per_worker, worker_resources
 from agpctl.config import RunConfig, requested_gpus
 from agpctl.errors import Interrupted, UserError, remote_error
 from agpctl.paths import absolute
 from agpctl.training.preflight import check_config, check_data_and_model
 from agpctl.training.progress import ProgressView
-from agpctl.training.worker import worker_loop
+from agpctl.training.worker import in_process_loop, worker_loop
 
 
 def launch_training(cfg: RunConfig, *, resume: str | None = None, console=None, quiet: bool = False) -> dict[str, Any]:
@@ -46,12 +53,12 @@ def launch_training(cfg: RunConfig, *, resume: str | None = None, console=None, 
                      f"{cfg.data.val_fraction}): no thresholds will be calibrated, so predict will need --threshold")
     if not resume:
         runs.write_run_config(run_uri, cfg)
-    view.run_started(cfg, run_uri)
+    view.run_started(cfg, run_uri, in_process=trains_in_process(cfg))
 
     categories: list[str | None] = list(splits.categories) if cfg.data.per_category else [None]
     tables: dict[str, Any] = {}
     try:
-        with ray_session(cfg.cluster.address, dashboard=cfg.cluster.dashboard):
+        with training_session(cfg):
             for category in categories:
                 sub_cfg, sub_uri = cfg, run_uri
                 if category is not None:
@@ -75,6 +82,21 @@ def launch_training(cfg: RunConfig, *, resume: str | None = None, console=None, 
         runs.write_per_category_metrics(run_uri, tables)
     view.run_finished(tables, run_uri)
     return {"run": run_uri, "metrics": tables}
+
+
+def trains_in_process(cfg: RunConfig) -> bool:
+    """One worker on the embedded Ray, and nothing asked of a worker group: Ray Train's local mode."""
+    cluster = cfg.cluster
+    return (address_kind(cluster.address) == "local" and cluster.workers == 1 and not cluster.worker_actor
+            and not cluster.dashboard and cluster.max_failures == 0)
+
+
+def training_session(cfg: RunConfig):
+    """What the run's jobs need around them: Ray for a worker group; for a run in this process
+    only SIGTERM handled as Ctrl-C is (as ray_session does)."""
+    if trains_in_process(cfg):
+        return sigterm_as_interrupt()
+    return ray_session(cfg.cluster.address, dashboard=cfg.cluster.dashboard)
 
 
 def interrupted(run_uri: str, *, fresh: bool, terminated: bool) -> Interrupted:
@@ -138,6 +160,50 @@ def _shortfall(cfg: RunConfig, totals: dict[str, float]) -> str | None:
 
 def fit_one(cfg: RunConfig, run_uri: str, view: ProgressView, resumed: bool) -> dict[str, Any]:
     """One Ray Train job for the (sub-)run at ``run_uri``; returns its metrics table."""
+    if resumed:
+        # The loop itself continues from the run's newest valid checkpoint.
+        latest = runs.load_latest_checkpoint(run_uri)
+        for skipped in latest.skipped:
+            view.warning(f"skipped unreadable checkpoint {skipped}")
+        view.message(f"resuming from {latest.uri} (epoch {latest.epoch})")
+    if trains_in_process(cfg):
+        fit_in_process(cfg, run_uri, view)
+    else:
+        fit_on_worker_group(cfg, run_uri, view)
+    return runs.read_metrics(run_uri)
+
+
+def fit_in_process(cfg: RunConfig, run_uri: str, view: ProgressView) -> None:
+    """The job in Ray Train's local mode: training on this (main) thread, so that Ctrl-C and
+    SIGTERM stop it where it is; the progress is rendered by a thread of its own."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    cfg = cfg.with_overrides({  # auto resolved against this machine; the saved config stays auto
+        "cluster.cpus_per_worker": resolve_cpus_per_worker(cfg, os.cpu_count() or 1),
+        "cluster.gpus_per_worker": requested_gpus(cfg.cluster, gpus),
+    })
+    quiet_ray_train_logs()
+    channel = make_local_channel()
+    trainer = make_torch_trainer(in_process_loop, {"run": cfg.to_dict(), "run_uri": run_uri, "progress": channel},
+                                 cfg, name=cfg.storage.name, storage_out=cfg.storage.out, in_process=True)
+    done = threading.Event()
+    renderer = threading.Thread(target=view.follow, args=(channel, lambda: not done.is_set()),
+                                name="agp-train-progress", daemon=True)
+    renderer.start()
+    try:
+        trainer.fit()  # local mode raises the loop's own exceptions, the user's mistakes as UserError
+    finally:
+        done.set()
+        renderer.join()
+
+
+def quiet_ray_train_logs() -> None:
+    """In local mode Ray Train logs, at INFO in the user's terminal, that it runs locally and
+    every metric reported; the progress view already shows what matters."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
+def fit_on_worker_group(cfg: RunConfig, run_uri: str, view: ProgressView) -> None:
+    """The job on Ray Train workers (the embedded Ray or a cluster, started by the caller)."""
     import ray  # deferred: see agpctl.cluster (ray_session has started it by now)
 
     if cfg.cluster.cpus_per_worker is None:  # auto, resolved against the live cluster; the saved config stays auto
@@ -149,12 +215,6 @@ def fit_one(cfg: RunConfig, run_uri: str, view: ProgressView, resumed: bool) -> 
     remote = address_kind(cfg.cluster.address) != "local"
     check_fits_cluster(cfg, ray.cluster_resources, view, wait_s=CLUSTER_GROWTH_WAIT_S if remote else 0.0)
     channel = make_channel()
-    if resumed:
-        # The worker itself continues from the run's newest valid checkpoint.
-        latest = runs.load_latest_checkpoint(run_uri)
-        for skipped in latest.skipped:
-            view.warning(f"skipped unreadable checkpoint {skipped}")
-        view.message(f"resuming from {latest.uri} (epoch {latest.epoch})")
     trainer = make_torch_trainer(worker_loop, {"run": cfg.to_dict(), "run_uri": run_uri, "progress": channel}, cfg,
                                  name=cfg.storage.name, storage_out=cfg.storage.out)
     outcome: dict[str, Any] = {}
@@ -172,14 +232,13 @@ def fit_one(cfg: RunConfig, run_uri: str, view: ProgressView, resumed: bool) -> 
 
     thread = threading.Thread(target=fit, name="agp-train-fit", daemon=True)
     thread.start()
-    view.follow(channel, thread, waiting=waiting)
+    view.follow(channel, thread.is_alive, waiting=waiting)
     thread.join()
     if "error" in outcome:
         raise remote_error(outcome["error"])
     result = outcome["result"]
     if getattr(result, "error", None):
         raise remote_error(result.error)
-    return runs.read_metrics(run_uri)
 
 
 def _rounded(resources: dict[str, float]) -> dict[str, float]:

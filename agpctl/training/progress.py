@@ -107,12 +107,15 @@ class ProgressView:
         if not self.quiet:
             self.console.print(text)
 
-    def run_started(self, cfg, run_uri: str) -> None:
+    def run_started(self, cfg, run_uri: str, in_process: bool = False) -> None:
         if self.quiet:
             return
-        where = cfg.cluster.address or "embedded local Ray"
+        if in_process:
+            where = "this process (Ray Train local mode)"
+        else:
+            where = f"{cfg.cluster.workers} worker(s) on {cfg.cluster.address or 'embedded local Ray'}"
         self.console.print(
-            f"[bold]agpctl train[/] {cfg.method} on {cfg.data.dataset} · {cfg.cluster.workers} worker(s) on {where}\n"
+            f"[bold]agpctl train[/] {cfg.method} on {cfg.data.dataset} · {where}\n"
             f"run: [cyan]{run_uri}[/]"
         )
 
@@ -125,8 +128,10 @@ class ProgressView:
             task = progress.add_task(description, total=None)
             yield lambda done, total: progress.update(task, completed=done, total=total)
 
-    def follow(self, channel, thread, waiting: Callable[[], str] | None = None, patience_s: float = 60.0) -> None:
-        """Renders events until the training thread ends and the channel is drained.
+    def follow(self, channel, running: Callable[[], bool], waiting: Callable[[], str] | None = None,
+               patience_s: float = 60.0) -> None:
+        """Renders events until ``running()`` turns false (the training has ended) and the
+        channel is drained.
 
         When no worker has started after ``patience_s`` seconds (Ray waiting for resources it
         may never get), ``waiting()`` says what Ray waits for, as a warning, every ``patience_s``."""
@@ -140,7 +145,7 @@ class ProgressView:
         next_note = time.monotonic() + patience_s
         with progress:
             while True:
-                alive = thread.is_alive()
+                alive = running()
                 try:
                     event = channel.get(block=alive, timeout=0.5 if alive else None)
                 except Exception:  # ray.util.queue.Empty: nothing new

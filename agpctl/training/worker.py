@@ -2,7 +2,7 @@
 calibrate thresholds, validate, evaluate on the test split, write the results.
 
 :func:`train_on_worker` is free of Ray (testable in a plain process); :func:`worker_loop`
-connects it to Ray Train.
+connects it to a Ray Train worker group, :func:`in_process_loop` to Ray Train's local mode.
 """
 
 from __future__ import annotations
@@ -82,6 +82,30 @@ def worker_loop(config: dict[str, Any]) -> None:
         )
 
     train_on_worker(run, ctx, wrap, report, progress, payload)
+
+
+def in_process_loop(config: dict[str, Any]) -> None:
+    """The train function of Ray Train's local mode (a one-worker run on the embedded Ray,
+    in the agpctl process): ``config`` as for :func:`worker_loop`, with the run's CPUs and
+    GPUs per worker resolved. Local mode keeps reported checkpoints in memory only, so they
+    go to the run directory here, as a worker group's reports do there."""
+    import ray.train  # deferred: see agpctl.cluster
+    import torch
+
+    run = RunSpec.from_config(config)
+    torch.set_num_threads(max(1, int(run.cfg.cluster.cpus_per_worker or 1)))
+    use_gpu = run.cfg.cluster.gpus_per_worker not in (0, "auto") and torch.cuda.is_available()
+    ctx = WorkerContext(device=torch.device("cuda", 0) if use_gpu else torch.device("cpu"))
+    progress = ProgressSender(config.get("progress"), enabled=True)
+    payload = latest_payload(None, run.run_uri, warn=progress.warning)
+    keep = run.cfg.train.keep_checkpoints
+
+    def report(metrics: dict[str, Any], checkpoint_payload: dict[str, Any] | None, epoch: int | None) -> None:
+        if checkpoint_payload is not None:
+            runs.save_checkpoint(run.run_uri, checkpoint_payload, epoch, keep)
+        ray.train.report(metrics)
+
+    train_on_worker(run, ctx, lambda model: model, report, progress, payload)
 
 
 def latest_payload(ray_checkpoint, run_uri: str, warn: Callable[[str], None] = lambda text: None

@@ -1,0 +1,56 @@
+"""A one-worker run on the embedded Ray is a Ray Train job in local mode: the training loop
+runs in the calling process, no Ray instance is started, and the run directory is the same
+a worker group leaves (checkpoints included)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agpctl.config import RunConfig
+from agpctl.training.launch import launch_training, trains_in_process
+from helpers import tiny_config
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({}, True),
+    ({"cluster.workers": 2}, False),
+    ({"cluster.address": "ray://head:10001"}, False),
+    ({"cluster.address": "auto"}, False),
+    ({"cluster.worker_actor": True}, False),
+    ({"cluster.dashboard": True}, False),
+    ({"cluster.max_failures": 1}, False),
+])
+def test_only_a_plain_one_worker_local_run_trains_in_process(overrides, expected):
+    assert trains_in_process(RunConfig().with_overrides(overrides)) is expected
+
+
+def test_a_local_run_trains_in_this_process_without_starting_ray(generated_dataset, tmp_path, monkeypatch):
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a one-worker local run must not start Ray")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    cfg = tiny_config(generated_dataset, epochs=3).with_overrides({
+        "storage.out": str(tmp_path), "storage.name": "local", "train.keep_checkpoints": 2})
+    outcome = launch_training(cfg, quiet=True)
+    run_dir = tmp_path / "local"
+    assert outcome["run"] == str(run_dir)
+    assert not ray.is_initialized()
+    # Checkpoints written by the loop itself, the oldest beyond keep_checkpoints removed.
+    assert sorted(p.name for p in run_dir.glob("checkpoint_epoch-*")) == ["checkpoint_epoch-0002",
+                                                                        "checkpoint_epoch-0003"]
+    assert (run_dir / "metrics.json").exists() and len((run_dir / "history.jsonl").read_text().splitlines()) == 3
+    assert outcome["metrics"]["mean"]["i_auroc"] is not None
+
+    # As if stopped after epoch 2: --resume continues from there in this process too.
+    import shutil
+
+    shutil.rmtree(run_dir / "checkpoint_epoch-0003")
+    (run_dir / "metrics.json").unlink()
+    resumed = launch_training(tiny_config(generated_dataset), resume=str(run_dir), quiet=True)
+    assert resumed["run"] == str(run_dir) and (run_dir / "metrics.json").exists()
+    assert (run_dir / "checkpoint_epoch-0003").is_dir()
+    assert [json.loads(line)["epoch"] for line in (run_dir / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
