@@ -45,6 +45,8 @@ class MethodConfig:
     """Fields every method shares; each method subclasses it with its own defaults and recipes."""
 
     recipes: ClassVar[dict[str, Recipe]] = {}  # by name: "paper", "fast" (agp_models.recipes)
+    # Fields older versions had and saved configs may still hold: name -> why it is ignored now.
+    retired_fields: ClassVar[dict[str, str]] = {}
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     layers: list[int] = field(default_factory=list)  # ViT: 1-indexed blocks; CNN: timm out_indices

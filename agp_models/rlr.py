@@ -86,6 +86,9 @@ RLR_RECIPES: dict[str, Recipe] = {
 @dataclass(kw_only=True)
 class RLRConfig(MethodConfig):
     recipes: ClassVar[dict[str, Recipe]] = RLR_RECIPES
+    retired_fields: ClassVar[dict[str, str]] = {
+        "batch_size": "it was never used; the batch size is train.batch_size (the paper recipe's is 4)",
+    }
 
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(name="tf_efficientnet_b6.aa_in1k"))
     # timm features_only out_indices; tf_efficientnet_b6 reductions are [2, 4, 8, 16, 32], so

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -111,7 +112,10 @@ class RunConfig:
         method = raw.get("method", "agpnet")
         model_cls = method_config_class(method)
         values = dict(raw)
-        model_raw = values.pop("model", None) or {}
+        model_raw = dict(values.pop("model", None) or {})
+        for name in sorted(set(model_raw) & set(model_cls.retired_fields)):
+            del model_raw[name]  # a run saved by an older version still loads
+            warnings.warn(f"{source}: model.{name} is ignored: {model_cls.retired_fields[name]}", stacklevel=2)
         cfg = _build(cls, {k: v for k, v in values.items()}, source, skip={"model"})
         cfg.model = _build(model_cls, model_raw, f"{source}: model")
         return cfg

@@ -61,3 +61,9 @@ def test_changing_method_swaps_the_model_config():
     assert type(cfg.model).__name__ == "RLRConfig"
     with pytest.raises(UserError, match="unknown method"):
         config_from_options({"method": "nope"})
+
+
+def test_a_saved_rlr_config_with_the_retired_batch_size_still_loads_with_a_warning():
+    with pytest.warns(UserWarning, match=r"runs/old/config.yaml: model.batch_size is ignored.*train.batch_size"):
+        cfg = RunConfig.from_yaml("method: rlr\nmodel:\n  batch_size: 4\n  alpha: 0.5\n", "runs/old/config.yaml")
+    assert cfg.method == "rlr" and cfg.model.alpha == 0.5 and not hasattr(cfg.model, "batch_size")
