@@ -16,7 +16,10 @@ import pytest
 from helpers import AGPCTL, TINY_AGPNET, agpctl
 
 pytestmark = pytest.mark.slow
-EPOCHS = 8  # ~2 s each: the kill lands mid-run with room to spare (polled every 50 ms)
+EPOCHS = 8  # ~2 s each on a worker: the kill lands mid-run with room to spare (polled every 50 ms)
+# A one-worker local run trains in the agpctl process, a tiny epoch in a fraction of a second:
+# enough epochs after the third that the kill still lands mid-run.
+INTERRUPTED_EPOCHS = 40
 
 
 def descendants(pid: int) -> list[int]:
@@ -79,7 +82,7 @@ def test_resume_continues_an_interrupted_run_to_the_same_epoch_count(generated_d
     """Interrupt a run for real (SIGKILL the driver and every process it started), resume it."""
     run_dir = tmp_path / "interrupted"
     command = [*AGPCTL, "train", "--dataset", "mvtec", "--root", generated_dataset,
-               "--epochs", str(EPOCHS), "--out", str(tmp_path), "--name", "interrupted", *TINY_AGPNET]
+               "--epochs", str(INTERRUPTED_EPOCHS), "--out", str(tmp_path), "--name", "interrupted", *TINY_AGPNET]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoint_epoch-0003" / "model.pt").exists() and time.monotonic() < deadline:
@@ -96,6 +99,6 @@ def test_resume_continues_an_interrupted_run_to_the_same_epoch_count(generated_d
     resumed = agpctl("train", "--resume", str(run_dir), timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from" in resumed.stdout and "epoch 1/" not in resumed.stdout
-    assert f"epoch {EPOCHS}/{EPOCHS}" in resumed.stdout
+    assert f"epoch {INTERRUPTED_EPOCHS}/{INTERRUPTED_EPOCHS}" in resumed.stdout
     summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
-    assert summary["epochs"] == EPOCHS
+    assert summary["epochs"] == INTERRUPTED_EPOCHS
