@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/accuracy.py --methods agpnet --budget-minutes 30
     .venv/bin/python benchmarks/accuracy.py --recipe paper --backbone paper --root /data/mvtec_ad  # GPU
 
-Each method trains through the application itself (``launch_training``: a Ray Train job on
-the embedded local Ray, per-epoch synthetic validation on held-out normal images), is
+Each method trains through the application itself (``launch_training``: a one-worker Ray
+Train job in local mode, per-epoch synthetic validation on held-out normal images), is
 evaluated on the test split, and one table is printed: method, recipe, epochs, training wall
 time (the epochs' own seconds, from the run's history.jsonl; validation and test evaluation
 excluded), I-AUROC / P-AUROC / PRO / P-AP in %, and the last validation I-AUROC / P-AUROC.
