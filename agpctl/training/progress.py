@@ -129,16 +129,18 @@ class ProgressView:
             yield lambda done, total: progress.update(task, completed=done, total=total)
 
     def follow(self, channel, running: Callable[[], bool], waiting: Callable[[], str] | None = None,
-               patience_s: float = 60.0) -> None:
+               patience_s: float = 60.0, redirect: bool = True) -> None:
         """Renders events until ``running()`` turns false (the training has ended) and the
         channel is drained.
 
         When no worker has started after ``patience_s`` seconds (Ray waiting for resources it
-        may never get), ``waiting()`` says what Ray waits for, as a warning, every ``patience_s``."""
+        may never get), ``waiting()`` says what Ray waits for, as a warning, every ``patience_s``.
+        ``redirect=False`` leaves sys.stdout/stderr alone: when training runs in this process,
+        its DataLoader workers are forked from it and must not inherit rich's locked proxies."""
         progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True,
-            disable=self.quiet,
+            disable=self.quiet, redirect_stdout=redirect, redirect_stderr=redirect,
         )
         state: dict[str, Any] = {"task": None, "steps": 1, "epochs": 1}
         started = False

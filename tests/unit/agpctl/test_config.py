@@ -63,7 +63,18 @@ def test_changing_method_swaps_the_model_config():
         config_from_options({"method": "nope"})
 
 
-def test_a_saved_rlr_config_with_the_retired_batch_size_still_loads_with_a_warning():
-    with pytest.warns(UserWarning, match=r"runs/old/config.yaml: model.batch_size is ignored.*train.batch_size"):
-        cfg = RunConfig.from_yaml("method: rlr\nmodel:\n  batch_size: 4\n  alpha: 0.5\n", "runs/old/config.yaml")
+def test_a_saved_rlr_config_with_the_retired_batch_size_still_loads_with_a_warning(capsys):
+    cfg = RunConfig.from_yaml("method: rlr\nmodel:\n  batch_size: 4\n  alpha: 0.5\n", "runs/old/config.yaml")
     assert cfg.method == "rlr" and cfg.model.alpha == 0.5 and not hasattr(cfg.model, "batch_size")
+    err = " ".join(capsys.readouterr().err.split())
+    assert "runs/old/config.yaml: model.batch_size is ignored" in err and "train.batch_size" in err
+
+
+def test_a_retired_field_given_on_the_command_line_is_refused():
+    with pytest.raises(UserError, match="model.batch_size is no longer a field.*train.batch_size"):
+        RunConfig(method="rlr").with_overrides({"model.batch_size": 8})
+
+
+def test_a_model_section_that_is_not_a_mapping_is_one_clear_error():
+    with pytest.raises(UserError, match="model"):
+        RunConfig.from_yaml("method: rlr\nmodel: fast\n", "my.yaml")

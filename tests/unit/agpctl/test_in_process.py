@@ -54,3 +54,30 @@ def test_a_local_run_trains_in_this_process_without_starting_ray(generated_datas
     assert resumed["run"] == str(run_dir) and (run_dir / "metrics.json").exists()
     assert (run_dir / "checkpoint_epoch-0003").is_dir()
     assert [json.loads(line)["epoch"] for line in (run_dir / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_broken_progress_display_does_not_stop_the_run(generated_dataset, tmp_path, monkeypatch, capsys):
+    from agpctl.training.progress import ProgressView
+
+    def broken(self, event, progress, state):
+        raise RuntimeError("terminal went away")
+
+    monkeypatch.setattr(ProgressView, "_render", broken)
+    cfg = tiny_config(generated_dataset, epochs=1).with_overrides({"storage.out": str(tmp_path), "storage.name": "r"})
+    outcome = launch_training(cfg, quiet=True)
+    assert (tmp_path / "r" / "metrics.json").exists() and outcome["metrics"]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the progress display stopped: terminal went away" in err
+
+
+def test_saving_in_process_prunes_old_checkpoints_and_drops_ray_trains_stale_list(tmp_path):
+    from agpctl import runs
+
+    run = tmp_path / "run"
+    snapshot = run / runs.RAY_CHECKPOINT_SNAPSHOT  # left by a worker group the run started on
+    run.mkdir()
+    snapshot.write_text('{"checkpoint_results": []}')
+    for epoch in (1, 2, 3):
+        runs.save_checkpoint(str(run), {"epoch": epoch, "model": {}}, epoch, keep=2)
+    assert [epoch for epoch, _ in runs.list_checkpoints(str(run))] == [2, 3]
+    assert not snapshot.exists()
