@@ -167,7 +167,8 @@ def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     return sorted(found.items())
 
 
-RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's, in a worker group's run directory
+# Ray Train's list of a worker group's checkpoints, in the run directory.
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def save_checkpoint(run_uri: str, payload: dict[str, Any], epoch: int | None, keep: int) -> str:
@@ -178,10 +179,6 @@ def save_checkpoint(run_uri: str, payload: dict[str, Any], epoch: int | None, ke
     storage.write_bytes(storage.join(directory, CHECKPOINT_FILE), serialise(payload))
     for _, older in list_checkpoints(run_uri)[: -max(1, keep)]:
         storage.delete(older)
-    # Ray Train's list of a worker group's checkpoints (a run started on one and resumed
-    # here) no longer matches the directory: without it, a later worker group starts afresh
-    # from the run directory instead of restoring and pruning a stale list.
-    storage.delete(storage.join(run_uri, RAY_CHECKPOINT_SNAPSHOT))
     return directory
 
 

@@ -3,6 +3,8 @@ tasks to the driver; it works on the embedded instance and on remote clusters al
 
 from __future__ import annotations
 
+import queue
+
 
 def make_channel():
     from ray.util.queue import Queue  # deferred: see agpctl.cluster
@@ -10,10 +12,8 @@ def make_channel():
     return Queue(maxsize=10_000, actor_options={"num_cpus": 0})
 
 
-def make_local_channel():
+def make_local_channel() -> queue.Queue:
     """The same channel within one process (a run in Ray Train's local mode): no Ray needed."""
-    import queue
-
     return queue.Queue(maxsize=10_000)
 
 

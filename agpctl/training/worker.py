@@ -87,17 +87,21 @@ def worker_loop(config: dict[str, Any]) -> None:
 def in_process_loop(config: dict[str, Any]) -> None:
     """The train function of Ray Train's local mode (a one-worker run on the embedded Ray,
     in the agpctl process): ``config`` as for :func:`worker_loop`, with the run's CPUs and
-    GPUs per worker resolved. Local mode keeps reported checkpoints in memory only, so they
-    go to the run directory here, as a worker group's reports do there."""
+    GPUs per worker resolved to numbers. Local mode keeps reported checkpoints in memory
+    only, so they go to the run directory here, as a worker group's reports do there."""
     import ray.train  # deferred: see agpctl.cluster
     import torch
 
     run = RunSpec.from_config(config)
-    torch.set_num_threads(max(1, int(run.cfg.cluster.cpus_per_worker or 1)))
-    use_gpu = run.cfg.cluster.gpus_per_worker not in (0, "auto") and torch.cuda.is_available()
+    torch.set_num_threads(max(1, int(run.cfg.cluster.cpus_per_worker)))
+    use_gpu = float(run.cfg.cluster.gpus_per_worker) > 0 and torch.cuda.is_available()
     ctx = WorkerContext(device=torch.device("cuda", 0) if use_gpu else torch.device("cpu"))
     progress = ProgressSender(config.get("progress"), enabled=True)
     payload = latest_payload(None, run.run_uri, warn=progress.warning)
+    # A run a worker group started and this process continues: Ray Train's list of its
+    # checkpoints stops matching the directory, and a later worker group would restore and
+    # prune by that stale list; without it, it starts from the run directory.
+    storage.delete(storage.join(run.run_uri, runs.RAY_CHECKPOINT_SNAPSHOT))
     keep = run.cfg.train.keep_checkpoints
 
     def report(metrics: dict[str, Any], checkpoint_payload: dict[str, Any] | None, epoch: int | None) -> None:

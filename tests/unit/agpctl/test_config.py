@@ -76,5 +76,5 @@ def test_a_retired_field_given_on_the_command_line_is_refused():
 
 
 def test_a_model_section_that_is_not_a_mapping_is_one_clear_error():
-    with pytest.raises(UserError, match="model"):
+    with pytest.raises(UserError, match="my.yaml: model: expected a mapping for RLRConfig, got 'fast'"):
         RunConfig.from_yaml("method: rlr\nmodel: fast\n", "my.yaml")

@@ -45,14 +45,20 @@ def test_a_local_run_trains_in_this_process_without_starting_ray(generated_datas
     assert (run_dir / "metrics.json").exists() and len((run_dir / "history.jsonl").read_text().splitlines()) == 3
     assert outcome["metrics"]["mean"]["i_auroc"] is not None
 
-    # As if stopped after epoch 2: --resume continues from there in this process too.
+    # As if stopped after epoch 2: --resume continues from there in this process too. Had a
+    # worker group started the run, its Ray Train checkpoint list is dropped as stale.
     import shutil
+
+    from agpctl import runs
 
     shutil.rmtree(run_dir / "checkpoint_epoch-0003")
     (run_dir / "metrics.json").unlink()
+    snapshot = run_dir / runs.RAY_CHECKPOINT_SNAPSHOT
+    snapshot.write_text('{"checkpoint_results": []}')
     resumed = launch_training(tiny_config(generated_dataset), resume=str(run_dir), quiet=True)
     assert resumed["run"] == str(run_dir) and (run_dir / "metrics.json").exists()
     assert (run_dir / "checkpoint_epoch-0003").is_dir()
+    assert not snapshot.exists()
     assert [json.loads(line)["epoch"] for line in (run_dir / "history.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
@@ -70,14 +76,12 @@ def test_a_broken_progress_display_does_not_stop_the_run(generated_dataset, tmp_
     assert "the progress display stopped: terminal went away" in err
 
 
-def test_saving_in_process_prunes_old_checkpoints_and_drops_ray_trains_stale_list(tmp_path):
+def test_saving_a_checkpoint_prunes_the_oldest_beyond_keep(tmp_path):
     from agpctl import runs
 
     run = tmp_path / "run"
-    snapshot = run / runs.RAY_CHECKPOINT_SNAPSHOT  # left by a worker group the run started on
     run.mkdir()
-    snapshot.write_text('{"checkpoint_results": []}')
     for epoch in (1, 2, 3):
         runs.save_checkpoint(str(run), {"epoch": epoch, "model": {}}, epoch, keep=2)
     assert [epoch for epoch, _ in runs.list_checkpoints(str(run))] == [2, 3]
-    assert not snapshot.exists()
+    assert runs.load_latest_checkpoint(str(run)).payload["epoch"] == 3
