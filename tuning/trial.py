@@ -49,8 +49,9 @@ def trial_config(base: dict[str, Any], space: SearchSpace, sampled: dict[str, An
 
 
 def trains_in_trial(cfg: RunConfig) -> bool:
-    """One worker: the trial runs the training loop itself, no Ray Train worker group."""
-    return cfg.cluster.workers == 1
+    """One worker: the trial runs the training loop itself, no Ray Train worker group
+    (unless ``--worker-actor`` asks for one, as it does of `agpctl train`)."""
+    return cfg.cluster.workers == 1 and not cfg.cluster.worker_actor
 
 
 def trial_resources(cfg: RunConfig) -> dict[str, float]:

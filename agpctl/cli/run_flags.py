@@ -101,7 +101,7 @@ RUN_FLAGS: list[tuple[str, str, dict[str, Any], Callable[[Any], Any] | None]] = 
     ("--max-failures", "cluster.max_failures", {"type": int, "help": "worker failures to recover from (restart from the last checkpoint)"}, None),
     ("--address", "cluster.address", {"help": "ray://host:10001 or http://host:8265 (default: embedded local Ray)"}, None),
     ("--dashboard", "cluster.dashboard", {"is_flag": True, "default": None, "help": "start the embedded Ray's dashboard (off by default: it slows start-up); its address is printed"}, None),
-    ("--worker-actor", "cluster.worker_actor", {"is_flag": True, "default": None, "help": "train a one-worker local run in a Ray Train worker actor, as multi-worker runs do (default: in this process, Ray Train's local mode, which starts in seconds)"}, None),
+    ("--worker-actor", "cluster.worker_actor", {"is_flag": True, "default": None, "help": "train a one-worker local run (or each one-worker sweep trial) in a Ray Train worker actor, as multi-worker runs do (default: in this process / in the trial, which starts in seconds)"}, None),
     ("--out", "storage.out", {"help": "where runs are written: folder or s3://bucket/prefix (default runs)"}, None),
     ("--name", "storage.name", {"help": "run name (default <method>-<dataset>-<time>)"}, None),
     ("--s3-endpoint", "storage.s3_endpoint", {"help": "S3-compatible endpoint URL (else AWS_ENDPOINT_URL)"}, None),

@@ -27,6 +27,12 @@ def test_a_multi_worker_trial_waits_on_its_worker_group_and_reserves_no_cpu():
     assert trial_resources(resolved(2)) == {"CPU": 0, "memory": TRIAL_MEMORY_BYTES}
 
 
+def test_worker_actor_gives_a_one_worker_trial_a_worker_group_too():
+    cfg = resolved(1).with_overrides({"cluster.worker_actor": True})
+    assert not trains_in_trial(cfg)
+    assert trial_resources(cfg) == {"CPU": 0, "memory": TRIAL_MEMORY_BYTES}
+
+
 @pytest.fixture
 def tune_reports(monkeypatch) -> list[dict]:
     """``ray.tune.report`` replaced by a list of what it was given."""
