@@ -5,6 +5,7 @@ the machine can do.
     .venv/bin/python benchmarks/train_speed.py --method onenip --precision bf16
     .venv/bin/python benchmarks/train_speed.py --device cuda            # on a GPU
     .venv/bin/python benchmarks/train_speed.py --before /tmp/agp-before # that checkout, then this one
+    .venv/bin/python benchmarks/train_speed.py --method rlr --precision fp32 --top-ops 15  # what bounds it
 
 Per method and precision, on a generated MVTec-layout dataset at the method's image size,
 built, loaded and trained exactly as a training worker does (``agpctl.models.build_model``,
@@ -152,8 +153,9 @@ class Pipeline:
             self.trainer.train_epoch([next(iter(self.loader))])
         return counter.get_total_flops() / self.loader.batch_size / 1e9
 
-    def phase_shares(self) -> dict[str, float]:
-        """One epoch under torch.profiler: the share of its wall time spent in each phase."""
+    def phase_shares(self, top_ops: int = 0) -> dict[str, float]:
+        """One epoch under torch.profiler: the share of its wall time spent in each phase;
+        ``top_ops`` > 0 also prints that many operators by their own (self) time."""
         from torch.autograd.profiler import record_function
         from torch.profiler import ProfilerActivity, profile
 
@@ -167,7 +169,12 @@ class Pipeline:
         finally:
             pre.remove()
             post.remove()
-        totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages() if e.key.startswith("agp:")}
+        averages = prof.key_averages()
+        if top_ops > 0:
+            sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            print(f"\n{self.cfg.method} {self.cfg.train.precision}: epoch of {wall:.1f} s, top operators")
+            print(averages.table(sort_by=sort_by, row_limit=top_ops, max_name_column_width=50))
+        totals = {e.key: e.cpu_time_total / 1e6 for e in averages if e.key.startswith("agp:")}
         backbone = totals.get("agp:backbone", 0.0)
         seconds = {
             "data": totals.get("agp:data", 0.0),
@@ -188,7 +195,7 @@ def bench(method: str, precision: str, root: str, peak: float, args: argparse.Na
     seconds = [pipeline.epoch() for _ in range(args.epochs)]
     images_per_s = pipeline.images / min(seconds)
     gflop = pipeline.gflop_per_image()
-    shares = pipeline.phase_shares() if args.profile else {}
+    shares = pipeline.phase_shares(args.top_ops) if args.profile else {}
     return Row(method, precision, images_per_s, gflop, peak, shares)
 
 
@@ -250,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loader-workers", type=int, default=1, help="as data.loader_workers (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
     parser.add_argument("--no-profile", dest="profile", action="store_false")
+    parser.add_argument("--top-ops", type=int, default=0, metavar="N",
+                        help="also print the N operators that took the most time in the profiled epoch")
     parser.add_argument("--before", default=None, help="another checkout: benchmark it first, then this one")
     parser.add_argument("--code", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
