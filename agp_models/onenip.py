@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from agp_models.base import AnomalyModel, BackboneConfig, Batch, MethodConfig, Prediction
-from agp_models.layers import MultiHeadAttention, neighbourhood_mask, resize_to_grid
+from agp_models.layers import Dropout, MultiHeadAttention, neighbourhood_mask, resize_to_grid
 from agp_models.postprocess import postprocess
 from agp_models.recipes import Recipe, schedule_of
 
@@ -194,7 +194,7 @@ class _FeedForward(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.drop(F.relu(self.fc1(x))))
@@ -206,7 +206,7 @@ class _CrossAttention(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float, norm: bool = True):
         super().__init__()
         self.attn = MultiHeadAttention(width, heads, attn_drop=dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(width) if norm else nn.Identity()
 
     def forward(self, query: Tensor, key: Tensor, pos: Tensor, mask: Tensor | None) -> Tensor:
@@ -218,7 +218,7 @@ class _FeedForwardBlock(nn.Module):
     def __init__(self, width: int, hidden: int, dropout: float, inner_dropout: float = 0.0):
         super().__init__()
         self.ffn = _FeedForward(width, hidden, inner_dropout)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.norm = nn.LayerNorm(width)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -3,7 +3,10 @@
 change the mathematics.
 
 Where a later change of defaults is meant to change the numbers (the authors' variants of
-#15), ``RECORDED_VARIANT`` selects the variant the recording was made with.
+#15), ``RECORDED_VARIANT`` selects the variant the recording was made with. The recordings'
+dropout masks came from torch's ``bernoulli_``; the replay draws them the same way
+(``torch_dropout_masks``): the cheaper CPU masks are the same distribution from another random
+stream, tested in test_layers.py.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from agp_models.layers import torch_dropout_masks
 from reference_maps import CASES, load_reference, replay
 
 # Per case: config values that reproduce the code the maps were recorded with, where a
@@ -37,7 +41,8 @@ def reference():
 def test_fp32_maps_match_the_recorded_ones(case, reference, one_torch_thread):
     method, config = CASES[case]
     record = reference[case]
-    maps, scores = replay(method, {**config, **RECORDED_VARIANT.get(case, {})}, record)
+    with torch_dropout_masks():
+        maps, scores = replay(method, {**config, **RECORDED_VARIANT.get(case, {})}, record)
     scale = record["maps"].abs().max().item()
     torch.testing.assert_close(maps, record["maps"], rtol=1e-4, atol=1e-4 * scale)
     torch.testing.assert_close(scores, record["scores"], rtol=1e-4, atol=1e-4 * scale)
