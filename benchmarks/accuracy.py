@@ -96,8 +96,9 @@ def run_config(method: str, args: argparse.Namespace, out: str, epochs: int | No
 
 def epochs_for_budget(cfg: RunConfig, budget_s: float, probe_steps: int = 5) -> tuple[int, dict[str, float]]:
     """Epochs of ``cfg`` that fit ``budget_s`` seconds of training, from an in-process probe:
-    one full epoch (it fills the feature cache), ``probe_steps`` steps of the next (the
-    steady pace) and one validation; returns (epochs, the timings)."""
+    one full epoch (it fills the feature and decoded-image caches), ``probe_steps`` steps of
+    the next after its first step (the steady pace) and one validation; returns (epochs, the
+    timings)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -121,16 +122,24 @@ def epochs_for_budget(cfg: RunConfig, budget_s: float, probe_steps: int = 5) -> 
     if model.batch_extras:
         synthesis = SynthesisConfig(probability=model.pseudo_anomaly_probability, texture_root=cfg.data.texture_root)
         train_set = TrainingView(train_set, model.batch_extras, synthesis=synthesis, seed=cfg.train.seed)
+    # Persistent workers as in the run itself: they keep the decoded-image cache the first
+    # epoch filled; a new worker per epoch would decode again and double OneNIP's estimate.
     loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
-                        num_workers=cfg.data.loader_workers, generator=torch.Generator().manual_seed(0))
+                        num_workers=cfg.data.loader_workers, persistent_workers=cfg.data.loader_workers > 0,
+                        generator=torch.Generator().manual_seed(0))
     trainer = Trainer(model, model, cfg, steps_per_epoch=len(loader), ctx=ctx)
     started = time.perf_counter()
     trainer.train_epoch(loader)
     first = time.perf_counter() - started
-    steps = min(probe_steps, len(loader))
+    # The steady pace: steps of the second epoch after its first (which waits for the
+    # loader's prefetch at the epoch boundary, a cost the real epoch pays once, not per step).
+    steps = max(1, min(probe_steps, len(loader) - 1))
+    batches = iter(loader)
+    trainer.train_epoch(batch for _, batch in zip(range(1), batches))
     started = time.perf_counter()
-    trainer.train_epoch(batch for _, batch in zip(range(steps), loader))
-    steady = (time.perf_counter() - started) / max(1, steps) * len(loader)
+    trainer.train_epoch(batch for _, batch in zip(range(steps), batches))
+    steady = (time.perf_counter() - started) / steps * len(loader)
+    del batches
     started = time.perf_counter()
     validation_set = build_validation_set(cfg, val_set, test_set)
     if validation_set is not None:
