@@ -139,7 +139,6 @@ def epochs_for_budget(cfg: RunConfig, budget_s: float, probe_steps: int = 5) -> 
     started = time.perf_counter()
     trainer.train_epoch(batch for _, batch in zip(range(steps), batches))
     steady = (time.perf_counter() - started) / steps * len(loader)
-    del batches
     started = time.perf_counter()
     validation_set = build_validation_set(cfg, val_set, test_set)
     if validation_set is not None:

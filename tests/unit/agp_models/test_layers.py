@@ -58,7 +58,7 @@ def test_inactive_and_edge_cases():
     x = torch.randn(100)
     assert dropout(x, 0.3, training=False) is x
     assert dropout(x, 0.0) is x
-    assert torch.count_nonzero(dropout(x, 1.0)) == 0  # below 16-bit resolution: F.dropout's
+    assert torch.count_nonzero(dropout(x, 1.0)) == 0  # beyond the 16-bit masks: F.dropout's
     half = dropout(torch.randn(256, 256, dtype=torch.bfloat16), 0.2)
     assert half.dtype == torch.bfloat16
     module = Dropout(0.2).eval()
